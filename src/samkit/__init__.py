@@ -1,0 +1,1 @@
+"""samkit: Segment Anything with the official checkpoints, faster, with tools around it."""
