@@ -1,0 +1,165 @@
+"""The ViT image encoder: patches -> windowed/global transformer blocks -> 256-channel neck."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from samkit.config import ImageEncoderConfig
+from samkit.modeling.attention import AttentionBackend, attention
+from samkit.modeling.common import LayerNorm2d, MLPBlock, drop_path
+
+
+class ImageEncoderViT(nn.Module):
+    """Maps a normalised, padded image to its embedding.
+
+    Input (B, 3, S, S) with S = ``config.img_size``; output (B, out_chans, S/16, S/16).
+    """
+
+    def __init__(self, config: ImageEncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.img_size = config.img_size
+        grid = config.grid_size
+        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, config.embed_dim)
+        self.pos_embed = (
+            nn.Parameter(torch.zeros(1, grid, grid, config.embed_dim))
+            if config.use_abs_pos
+            else None
+        )
+        self.blocks = nn.ModuleList(
+            Block(
+                dim=config.embed_dim,
+                num_heads=config.num_heads,
+                mlp_ratio=config.mlp_ratio,
+                qkv_bias=config.qkv_bias,
+                use_rel_pos=config.use_rel_pos,
+                window_size=0 if i in config.global_attn_indexes else config.window_size,
+                grid_size=grid,
+                drop_path=config.drop_path * i / max(config.depth - 1, 1),
+            )
+            for i in range(config.depth)
+        )
+        self.neck = nn.Sequential(
+            nn.Conv2d(config.embed_dim, config.out_chans, kernel_size=1, bias=False),
+            LayerNorm2d(config.out_chans),
+            nn.Conv2d(config.out_chans, config.out_chans, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(config.out_chans),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)  # BxHxWxC
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.neck(x.permute(0, 3, 1, 2))  # BxHxWxC -> BxCxHxW
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches through one strided convolution, returned channels-last."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)  # BxCxHxW -> BxHxWxC
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; attention inside windows, or over the whole map."""
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        use_rel_pos: bool,
+        window_size: int,
+        grid_size: int,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        side = window_size if window_size > 0 else grid_size
+        self.attn = Attention(
+            dim, num_heads=num_heads, qkv_bias=qkv_bias, use_rel_pos=use_rel_pos, size=side
+        )
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio), act=nn.GELU)
+        self.window_size = window_size
+        self.drop_path = drop_path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.norm1(x)
+        if self.window_size > 0:
+            h, w = x.shape[1:3]
+            x, padded = window_partition(x, self.window_size)
+            x = self.attn(x)
+            x = window_unpartition(x, self.window_size, padded, (h, w))
+        else:
+            x = self.attn(x)
+        x = shortcut + drop_path(x, self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention on a BxHxWxC map with decomposed relative positions."""
+
+    backend: AttentionBackend
+
+    def __init__(
+        self, dim: int, *, num_heads: int, qkv_bias: bool, use_rel_pos: bool, size: int
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.use_rel_pos = use_rel_pos
+        if use_rel_pos:
+            # zero-initialised as in the official model; checkpoints fill them
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * size - 1, head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * size - 1, head_dim))
+        self.backend = "sdpa"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        # BxHxWx3C -> 3xBxheadsx(HW)xd
+        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        rel_pos = (self.rel_pos_h, self.rel_pos_w) if self.use_rel_pos else None
+        out = attention(q, k, v, rel_pos=rel_pos, size=(h, w), backend=self.backend)
+        out = out.transpose(1, 2).reshape(b, h, w, c)  # Bxheadsx(HW)xd -> BxHxWxC
+        return self.proj(out)
+
+
+def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Zero-pad a BxHxWxC map to a multiple of `window` and cut it into windows.
+
+    Returns ((B*nH*nW) x window x window x C, (padded H, padded W)).
+    """
+    b, h, w, c = x.shape
+    pad_h, pad_w = -h % window, -w % window
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    hp, wp = h + pad_h, w + pad_w
+    x = x.view(b, hp // window, window, wp // window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, c), (hp, wp)
+
+
+def window_unpartition(
+    windows: torch.Tensor, window: int, padded: tuple[int, int], size: tuple[int, int]
+) -> torch.Tensor:
+    """Inverse of `window_partition`: windows back to a BxHxWxC map without the padding."""
+    hp, wp = padded
+    h, w = size
+    b = windows.shape[0] // ((hp // window) * (wp // window))
+    x = windows.view(b, hp // window, wp // window, window, window, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
+    return x[:, :h, :w, :].contiguous() if (hp, wp) != (h, w) else x

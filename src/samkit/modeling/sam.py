@@ -1,0 +1,147 @@
+"""The assembled model: image encoder + prompt encoder + mask decoder, with pre/post-processing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from samkit.config import SamConfig
+from samkit.modeling.attention import BACKENDS, AttentionBackend
+from samkit.modeling.image_encoder import Attention as EncoderAttention
+from samkit.modeling.image_encoder import ImageEncoderViT
+from samkit.modeling.mask_decoder import MaskDecoder
+from samkit.modeling.prompt_encoder import PromptEncoder
+from samkit.modeling.transformer import Attention as DecoderAttention
+
+
+class Sam(nn.Module):
+    """Segment Anything. Differentiable: nothing here runs under no_grad."""
+
+    mask_threshold: float = 0.0
+    image_format: str = "RGB"
+
+    def __init__(self, config: SamConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.image_encoder = ImageEncoderViT(config.image_encoder)
+        self.prompt_encoder = PromptEncoder(
+            config.prompt_encoder,
+            image_size=config.image_size,
+            embedding_size=config.embedding_size,
+        )
+        self.mask_decoder = MaskDecoder(config.mask_decoder)
+        # not in the state_dict: they belong to the config, as in the official checkpoints
+        self.register_buffer("pixel_mean", torch.empty(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.empty(3, 1, 1), persistent=False)
+        self.reset_pixel_stats()
+
+    def reset_pixel_stats(self) -> None:
+        """(Re)fill pixel_mean/std from the config, e.g. after loading weights into a meta model."""
+        device = None if self.pixel_mean.is_meta else self.pixel_mean.device
+        self.pixel_mean = torch.tensor(self.config.pixel_mean, device=device).view(-1, 1, 1)
+        self.pixel_std = torch.tensor(self.config.pixel_std, device=device).view(-1, 1, 1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.mask_decoder.iou_token.weight.dtype
+
+    def set_attention_backend(self, backend: AttentionBackend) -> None:
+        """Choose "reference", "sdpa" (default) or "fused" attention for every attention layer."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+        for module in self.modules():
+            if isinstance(module, EncoderAttention | DecoderAttention):
+                module.backend = backend
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise (B, 3, h, w) 0-255 RGB and zero-pad right/bottom to the square input."""
+        x = (x - self.pixel_mean) / self.pixel_std
+        size = self.config.image_size
+        h, w = x.shape[-2:]
+        return F.pad(x, (0, size - w, 0, size - h))
+
+    def postprocess_masks(
+        self,
+        masks: torch.Tensor,
+        input_size: tuple[int, ...],
+        original_size: tuple[int, ...],
+    ) -> torch.Tensor:
+        """Low-res logits (B, C, 256, 256) -> logits at the original image size (B, C, H, W).
+
+        input_size is the (h, w) of the resized image inside the padded input.
+        """
+        size = self.config.image_size
+        masks = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False)
+        masks = masks[..., : input_size[0], : input_size[1]]
+        return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+
+    def decode(
+        self,
+        image_embeddings: torch.Tensor,
+        point_coords: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks for B prompts on one image embedding (or one embedding per prompt).
+
+        Coordinates are in the model's input frame (the resized image, pixels).
+        Args:
+            image_embeddings: (1 or B, C, 64, 64).
+            point_coords: (B, N, 2) xy; point_labels: (B, N) PointLabel codes.
+            boxes: (B, 4) XYXY. mask_input: (B, 1, 256, 256) logits.
+        Returns:
+            low-res mask logits (B, 3 or 1, 256, 256), IoU predictions (B, 3 or 1).
+        """
+        points = None if point_coords is None else (point_coords, point_labels)
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        return self.mask_decoder(
+            image_embeddings=image_embeddings,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+        )
+
+    def forward(
+        self, batched_input: list[dict[str, Any]], multimask_output: bool
+    ) -> list[dict[str, torch.Tensor]]:
+        """The official batched interface.
+
+        Each input dict holds 'image' (3xHxW, already resized so the long side is 1024),
+        'original_size' (H, W) and optionally 'point_coords' (Bx Nx2), 'point_labels' (BxN),
+        'boxes' (Bx4), 'mask_inputs' (Bx1x256x256), all in the resized frame. Each output dict holds
+        'masks' (BxCxHxW bool at the original size), 'iou_predictions' (BxC) and
+        'low_res_logits' (BxCx256x256).
+        """
+        images = torch.stack([self.preprocess(x["image"][None])[0] for x in batched_input])
+        embeddings = self.image_encoder(images)
+        outputs = []
+        for record, embedding in zip(batched_input, embeddings):
+            low_res, iou = self.decode(
+                embedding[None],
+                point_coords=record.get("point_coords"),
+                point_labels=record.get("point_labels"),
+                boxes=record.get("boxes"),
+                mask_input=record.get("mask_inputs"),
+                multimask_output=multimask_output,
+            )
+            masks = self.postprocess_masks(
+                low_res, record["image"].shape[-2:], record["original_size"]
+            )
+            outputs.append(
+                {
+                    "masks": masks > self.mask_threshold,
+                    "iou_predictions": iou,
+                    "low_res_logits": low_res,
+                }
+            )
+        return outputs
