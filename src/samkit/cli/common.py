@@ -1,0 +1,36 @@
+"""Pieces shared by the subcommands: user errors, argument types, help formatting."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs: reported in one line, exit code 2."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the user gave something unusable (never shown as a traceback)."""
+    from samkit.checkpoint import CheckpointError
+
+    errors: list[type[BaseException]] = [UserError, CheckpointError, FileNotFoundError]
+    try:
+        from samkit.io import ImageReadError
+
+        errors.append(ImageReadError)
+    except ImportError:  # io arrives with the predictor
+        pass
+    return tuple(errors)
+
+
+def add_command(
+    subparsers: argparse._SubParsersAction, name: str, *, help: str, description: str, examples: str
+) -> argparse.ArgumentParser:
+    """A subcommand parser whose --help ends with examples."""
+    return subparsers.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog="examples:\n" + examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )

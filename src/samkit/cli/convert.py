@@ -1,0 +1,47 @@
+"""`samkit convert`: between the official, Hugging Face and samkit checkpoint formats."""
+
+from __future__ import annotations
+
+import argparse
+
+from samkit.checkpoint import FORMATS, convert_checkpoint, describe
+from samkit.cli.common import add_command
+
+EXAMPLES = """\
+  samkit convert sam_vit_b_01ec64.pth sam_vit_b.safetensors --format samkit
+  samkit convert sam-vit-base/model.safetensors sam_vit_b.pth --format official
+  samkit convert sam_vit_b_01ec64.pth hf/model.safetensors --format hf
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = add_command(
+        subparsers,
+        "convert",
+        help="convert a checkpoint between formats",
+        description=(
+            "Read a SAM checkpoint in any supported format (official .pth, Hugging Face "
+            "model.safetensors / pytorch_model.bin or their folder, samkit .safetensors), check "
+            "it against the model it describes, and write it in another format."
+        ),
+        examples=EXAMPLES,
+    )
+    parser.add_argument("input", metavar="IN", help="checkpoint file (or Hugging Face folder)")
+    parser.add_argument("output", metavar="OUT", help="file to write")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        required=True,
+        help="official: flat state_dict .pth; hf: transformers SamModel safetensors; "
+        "samkit: safetensors with the config in its metadata",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    ckpt = convert_checkpoint(args.input, args.output, args.format)
+    print(
+        f"{ckpt.path} ({ckpt.source_format}, {describe(ckpt.config)}, "
+        f"{len(ckpt.state_dict)} tensors) -> {args.output} ({args.format})"
+    )
+    return 0
