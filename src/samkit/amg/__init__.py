@@ -1,0 +1,1 @@
+"""Automatic mask generation ("segment everything"): mask utilities and, later, the generator."""
