@@ -15,7 +15,8 @@ from samkit.keys import official_to_hf
 from samkit.modeling import Sam
 
 # A small model that still has everything: windows that need padding (a 10x10 map in 4x4
-# windows -> 12x12), two global blocks, 2 heads, narrow prompt width.
+# windows -> 12x12), a global block, 2 encoder heads, narrow prompt width. The decoder keeps
+# 8 heads: the head count is invisible in the weights, and official-layout files assume 8.
 TINY = SamConfig(
     image_encoder=ImageEncoderConfig(
         img_size=160,
@@ -29,7 +30,7 @@ TINY = SamConfig(
     ),
     prompt_encoder=PromptEncoderConfig(embed_dim=32, mask_in_chans=8),
     mask_decoder=MaskDecoderConfig(
-        transformer_dim=32, num_heads=2, mlp_dim=64, iou_head_hidden_dim=32
+        transformer_dim=32, num_heads=8, mlp_dim=64, iou_head_hidden_dim=32
     ),
 )
 
@@ -49,7 +50,7 @@ def perturb_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             noise = torch.randn(tensor.shape, generator=gen)
             if "rel_pos" in name:
                 value = 0.5 * noise
-            elif name.endswith("pos_embed") or "gaussian_matrix" in name or ("embed" in name and tensor.ndim == 2) or "tokens" in name:
+            elif _is_embedding(name, tensor):
                 value = noise
             elif tensor.ndim >= 2:
                 value = noise / math.sqrt(tensor[0].numel())
@@ -59,6 +60,15 @@ def perturb_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 value = 0.2 * noise
             tensor.copy_(value.to(tensor.dtype))
     return model
+
+
+def _is_embedding(name: str, tensor: torch.Tensor) -> bool:
+    return (
+        name.endswith("pos_embed")
+        or "gaussian_matrix" in name
+        or ("embed" in name and tensor.ndim == 2)
+        or "tokens" in name
+    )
 
 
 def _is_layernorm_weight(name: str) -> bool:
@@ -80,7 +90,7 @@ def random_sam(config: SamConfig = TINY, seed: int = 0) -> Sam:
 
 
 def hf_reference(config: SamConfig, state_dict: dict[str, torch.Tensor]):
-    """transformers.SamModel of the same shape, loaded strictly with `state_dict` (official keys)."""
+    """transformers.SamModel of this shape, loaded strictly with `state_dict` (official keys)."""
     from transformers import SamConfig as HFConfig
     from transformers import SamModel
 

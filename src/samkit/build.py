@@ -1,4 +1,4 @@
-"""Building SAM models: one builder, the official-compatible registry, and auto-detecting loading."""
+"""Building SAM models: one builder, the official-compatible registry, auto-detecting loading."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from samkit.checkpoint import (
     describe,
     read_checkpoint,
     resize_position_tables,
+    same_architecture,
 )
 from samkit.config import VARIANTS, SamConfig, variant_config
 from samkit.modeling import Sam
@@ -56,6 +57,11 @@ def build_sam(
         model = Sam(config)
     else:
         ckpt = read_checkpoint(checkpoint)
+        if not same_architecture(ckpt.config, config):
+            raise CheckpointError(
+                f"{ckpt.path}: holds {describe(ckpt.config)} weights, not {describe(config)} "
+                "(load it with model type 'auto')"
+            )
         expected = expected_state_dict(config)
         state_dict = resize_position_tables(ckpt.state_dict, expected)
         check_state_dict(state_dict, expected, ckpt.path, describe(ckpt.config))

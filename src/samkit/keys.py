@@ -94,8 +94,8 @@ def hf_to_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     inner = {}
     for key in state_dict:
         match = _HF_MLP.match(key)
-        if match and match.group(4) is not None:
-            inner[match.group(1)] = max(inner.get(match.group(1), -1), int(match.group(4)))
+        if match and match.group(3) is not None:
+            inner[match.group(1)] = max(inner.get(match.group(1), -1), int(match.group(3)))
 
     def mlp_name(match: re.Match[str]) -> str:
         prefix, name = match.group(1), match.group(2)
@@ -104,7 +104,7 @@ def hf_to_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
         elif name == "proj_out":
             index = inner.get(prefix, -1) + 2
         else:
-            index = int(match.group(4)) + 1
+            index = int(match.group(3)) + 1
         return f"{prefix}.layers.{index}."
 
     return {

@@ -1,0 +1,198 @@
+"""The model on its own: sizes, attention paths, windows, prompts, gradients, dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import TINY, assert_close_scaled, random_sam
+
+from samkit.build import expected_state_dict
+from samkit.config import VARIANTS
+from samkit.modeling import Sam
+from samkit.modeling.attention import attention
+from samkit.modeling.image_encoder import window_partition, window_unpartition
+
+# parameter and tensor counts of the official checkpoints (shared/sam-reference.md section 1)
+OFFICIAL_SIZES = {
+    "vit_b": (93_735_472, 314),
+    "vit_l": (312_342_832, 482),
+    "vit_h": (641_090_608, 594),
+}
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL_SIZES))
+def test_parameter_and_tensor_counts_equal_official(name):
+    params, tensors = OFFICIAL_SIZES[name]
+    with torch.device("meta"):  # vit_h is never allocated
+        model = Sam(VARIANTS[name])
+    assert sum(p.numel() for p in model.parameters()) == params
+    state = expected_state_dict(VARIANTS[name])
+    assert len(state) == tensors
+    assert "image_encoder.pos_embed" in state
+    assert "pixel_mean" not in state  # normalisation lives in the config, not the weights
+
+
+def _qkv(batch, heads, size, dim, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n = size[0] * size[1]
+    q, k, v = (torch.randn(batch, heads, n, dim, generator=gen) for _ in range(3))
+    rel_h = 0.5 * torch.randn(2 * size[0] - 1, dim, generator=gen)
+    rel_w = 0.5 * torch.randn(2 * size[1] - 1, dim, generator=gen)
+    return q, k, v, (rel_h, rel_w)
+
+
+def _naive_attention(q, k, v, rel_pos, size):
+    """Loop-level definition: logit = q.k/sqrt(d) + q.Rh[qh-kh] + q.Rw[qw-kw]."""
+    h, w = size
+    rel_h, rel_w = rel_pos
+    n, d = q.shape[-2:]
+    rows = torch.arange(n) // w
+    cols = torch.arange(n) % w
+    table_h = rel_h[rows[:, None] - rows[None, :] + h - 1]  # N x N x d
+    table_w = rel_w[cols[:, None] - cols[None, :] + w - 1]
+    logits = q.double() @ k.double().transpose(-1, -2) / d**0.5
+    logits = logits + torch.einsum("bhnd,nmd->bhnm", q.double(), (table_h + table_w).double())
+    return (logits.softmax(-1) @ v.double()).float()
+
+
+@pytest.mark.parametrize("size", [(4, 4), (5, 3), (14, 14)])
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "fused"])
+def test_attention_paths_equal_the_definition(size, backend):
+    q, k, v, rel = _qkv(2, 3, size, 16)
+    expected = _naive_attention(q, k, v, rel, size)
+    out = attention(q, k, v, rel_pos=rel, size=size, backend=backend)
+    # fp32 against a float64 definition: rounding only
+    assert_close_scaled(out, expected, rel=1e-5)
+
+
+def test_attention_without_rel_pos_matches_softmax():
+    q, k, v, _ = _qkv(1, 2, (3, 5), 8)
+    expected = ((q @ k.transpose(-1, -2)) / 8**0.5).softmax(-1) @ v
+    for backend in ("reference", "sdpa", "fused"):
+        assert_close_scaled(attention(q, k, v, backend=backend), expected, rel=1e-5)
+
+
+def test_attention_rejects_wrong_table_size():
+    q, k, v, rel = _qkv(1, 1, (4, 4), 8)
+    with pytest.raises(ValueError, match="do not fit"):
+        attention(q, k, v, rel_pos=rel, size=(5, 5))
+
+
+def test_whole_model_backends_agree():
+    model = random_sam(TINY)
+    image = torch.randn(2, 3, 160, 160)
+    outputs = {}
+    for backend in ("reference", "sdpa", "fused"):
+        model.set_attention_backend(backend)
+        with torch.no_grad():
+            emb = model.image_encoder(image)
+            outputs[backend] = (
+                emb,
+                *model.decode(emb[:1], torch.tensor([[[50.0, 60.0]]]), torch.tensor([[1]])),
+            )
+    for backend in ("sdpa", "fused"):
+        for got, want in zip(outputs[backend], outputs["reference"], strict=True):
+            assert_close_scaled(got, want, rel=1e-5)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        model.set_attention_backend("flash9")
+
+
+def test_window_partition_round_trip_with_padding():
+    x = torch.randn(2, 10, 7, 5)
+    windows, padded = window_partition(x, 4)
+    assert padded == (12, 8)
+    assert windows.shape == (2 * 3 * 2, 4, 4, 5)
+    # window 0 of image 0 is the top-left 4x4 block; padding is zero
+    torch.testing.assert_close(windows[0], x[0, :4, :4])
+    assert windows[1, :, 3:].abs().sum() == 0  # second window in row 0 covers columns 4..7
+    back = window_unpartition(windows, 4, padded, (10, 7))
+    torch.testing.assert_close(back, x, rtol=0, atol=0)
+
+
+def test_official_window_geometry_pads_64_to_70():
+    windows, padded = window_partition(torch.zeros(1, 64, 64, 2), 14)
+    assert padded == (70, 70) and windows.shape[0] == 25
+
+
+def test_prompt_token_counts():
+    model = random_sam(TINY)
+    pe = model.prompt_encoder
+    one_point = (torch.zeros(1, 1, 2), torch.ones(1, 1, dtype=torch.long))
+    three_points = (torch.zeros(1, 3, 2), torch.ones(1, 3, dtype=torch.long))
+    box = torch.tensor([[1.0, 2.0, 30.0, 40.0]])
+    assert pe(one_point, None, None)[0].shape[1] == 2  # + the padding point
+    assert pe(None, box, None)[0].shape[1] == 2
+    assert pe(three_points, box, None)[0].shape[1] == 5
+    sparse, dense = pe(one_point, None, None)
+    assert dense.shape == (1, 32, 10, 10)
+    # the decoder sees 1 IoU + 4 mask tokens + 2 prompt tokens = 7 tokens for one point
+    assert model.mask_decoder.num_mask_tokens + 1 + sparse.shape[1] == 7
+
+
+def test_padding_point_gets_not_a_point_embedding():
+    pe = random_sam(TINY).prompt_encoder
+    coords = torch.tensor([[[10.0, 10.0], [99.0, 5.0]]])
+    sparse, _ = pe((coords, torch.tensor([[1, -1]])), None, None)
+    torch.testing.assert_close(sparse[0, 1], pe.not_a_point_embed.weight[0])
+    torch.testing.assert_close(sparse[0, 2], pe.not_a_point_embed.weight[0])
+
+
+def test_model_is_differentiable():
+    model = random_sam(TINY).train()
+    emb = model.image_encoder(torch.randn(1, 3, 160, 160))
+    coords = torch.tensor([[[40.0, 50.0], [90.0, 20.0]]])
+    labels = torch.tensor([[1, 0]])
+    box = torch.tensor([[10.0, 10.0, 120.0, 100.0]])
+    mask = torch.randn(1, 1, 40, 40)
+    multi, iou_multi = model.decode(emb, coords, labels, box, mask, multimask_output=True)
+    single, iou_single = model.decode(emb, coords, labels, multimask_output=False)
+    (multi.mean() + single.mean() + iou_multi.mean() + iou_single.mean()).backward()
+    # every parameter of the model is reached by a gradient: nothing runs under no_grad
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not no_grad
+
+
+def test_batched_encoder_equals_one_by_one():
+    model = random_sam(TINY)
+    images = torch.randn(3, 3, 160, 160)
+    with torch.no_grad():
+        batched = model.image_encoder(images)
+        single = torch.cat([model.image_encoder(images[i : i + 1]) for i in range(3)])
+    assert_close_scaled(batched, single, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_forward_tracks_fp32(dtype):
+    model = random_sam(TINY)
+    image = torch.randn(1, 3, 160, 160)
+    point = (torch.tensor([[[40.0, 50.0]]]), torch.tensor([[1]]))
+    with torch.no_grad():
+        ref_emb = model.image_encoder(image)
+        ref_logits, _ = model.decode(ref_emb, *point)
+        low = random_sam(TINY).to(dtype)
+        emb = low.image_encoder(image.to(dtype))
+        logits, iou = low.decode(emb, point[0].to(dtype), point[1])
+    assert emb.dtype == dtype and logits.dtype == dtype
+    assert torch.isfinite(logits.float()).all() and torch.isfinite(iou.float()).all()
+    # 8-bit (bf16) / 11-bit (fp16) mantissas through ~10 layers: direction preserved
+    cos = torch.nn.functional.cosine_similarity(emb.float().flatten(), ref_emb.flatten(), dim=0)
+    assert cos > 0.99
+    cos = torch.nn.functional.cosine_similarity(
+        logits.float().flatten(), ref_logits.flatten(), dim=0
+    )
+    assert cos > 0.98
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_paths_match_cpu_reference():
+    model = random_sam(TINY)
+    image = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        model.set_attention_backend("reference")
+        expected = model.image_encoder(image)
+        gpu = model.cuda()
+        for backend in ("sdpa", "fused"):
+            gpu.set_attention_backend(backend)
+            # TF32 may be on for CUDA matmuls: 1e-3 of the scale
+            assert_close_scaled(gpu.image_encoder(image.cuda()).cpu(), expected, rel=1e-3)
