@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import TINY, assert_close_scaled, random_sam
 
+from reference import TINY, assert_close_scaled, random_sam
 from samkit.build import expected_state_dict
 from samkit.config import VARIANTS
 from samkit.modeling import Sam

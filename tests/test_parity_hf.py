@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from reference import TINY, assert_close_scaled, hf_reference, random_sam
 
+from reference import TINY, assert_close_scaled, hf_reference, random_sam
 from samkit.config import VARIANTS, SamConfig
 
 

@@ -66,7 +66,7 @@ class MaskDecoderConfig:
 
 @dataclass(frozen=True)
 class SamConfig:
-    """A whole SAM model: its three parts plus the pixel normalisation that goes with the weights."""
+    """A whole SAM model: its three parts and the pixel normalisation that goes with the weights."""
 
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     prompt_encoder: PromptEncoderConfig = field(default_factory=PromptEncoderConfig)

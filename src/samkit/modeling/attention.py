@@ -57,7 +57,6 @@ def rel_pos_terms(
 
 def _bias(rel_h: torch.Tensor, rel_w: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Full (..., N, N) additive bias from the decomposed terms."""
-    h, w = size
     # ... x N x h x 1 + ... x N x 1 x w -> ... x N x (h*w)
     return (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
 

@@ -71,7 +71,7 @@ class PromptEncoder(nn.Module):
             boxes: (B, 4) XYXY in the input frame, or None.
             masks: (B, 1, 256, 256) mask logits, or None.
         Returns:
-            sparse (B, T, C) tokens, with T = N (+1 padding point when there is no box) (+2 for a box);
+            sparse (B, T, C) tokens, T = N (+1 padding point if there is no box) (+2 for a box);
             dense (B, C, 64, 64).
         """
         batch = _batch_size(points, boxes, masks)

@@ -125,7 +125,7 @@ class Sam(nn.Module):
         images = torch.stack([self.preprocess(x["image"][None])[0] for x in batched_input])
         embeddings = self.image_encoder(images)
         outputs = []
-        for record, embedding in zip(batched_input, embeddings):
+        for record, embedding in zip(batched_input, embeddings, strict=True):
             low_res, iou = self.decode(
                 embedding[None],
                 point_coords=record.get("point_coords"),
