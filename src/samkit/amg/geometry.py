@@ -17,7 +17,9 @@ from torch import Tensor
 
 def build_point_grid(n_per_side: int) -> np.ndarray:
     """A regular grid of n*n points [n*n, 2] xy in [0, 1], at (i + 0.5) / n, x varying fastest."""
-    coords = (np.arange(n_per_side, dtype=np.float64) + 0.5) / n_per_side
+    # linspace between the end points, as the official: the same float64 values to the last bit
+    offset = 1 / (2 * n_per_side)
+    coords = np.linspace(offset, 1 - offset, n_per_side)
     xs = np.tile(coords, n_per_side)
     ys = np.repeat(coords, n_per_side)
     return np.stack([xs, ys], axis=-1)
