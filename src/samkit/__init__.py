@@ -11,6 +11,7 @@ from samkit.build import (
 from samkit.checkpoint import CheckpointError, convert_checkpoint, read_checkpoint, save_checkpoint
 from samkit.config import VARIANTS, SamConfig
 from samkit.modeling import PointLabel, Sam
+from samkit.predictor import SamPredictor
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "PointLabel",
     "Sam",
     "SamConfig",
+    "SamPredictor",
     "build_sam",
     "build_sam_vit_b",
     "build_sam_vit_h",
