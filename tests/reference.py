@@ -11,7 +11,7 @@ import math
 import torch
 
 from samkit.config import ImageEncoderConfig, MaskDecoderConfig, PromptEncoderConfig, SamConfig
-from samkit.keys import official_to_hf
+from samkit.keys import hf_config, official_to_hf
 from samkit.modeling import Sam
 
 # A small model that still has everything: windows that need padding (a 10x10 map in 4x4
@@ -94,39 +94,14 @@ def hf_reference(config: SamConfig, state_dict: dict[str, torch.Tensor]):
     from transformers import SamConfig as HFConfig
     from transformers import SamModel
 
-    enc, prompt, dec = config.image_encoder, config.prompt_encoder, config.mask_decoder
-    hf_config = HFConfig(
-        vision_config=dict(
-            hidden_size=enc.embed_dim,
-            output_channels=enc.out_chans,
-            num_hidden_layers=enc.depth,
-            num_attention_heads=enc.num_heads,
-            image_size=enc.img_size,
-            patch_size=enc.patch_size,
-            mlp_ratio=enc.mlp_ratio,
-            window_size=enc.window_size,
-            global_attn_indexes=list(enc.global_attn_indexes),
-            num_pos_feats=prompt.embed_dim // 2,
-        ),
-        prompt_encoder_config=dict(
-            hidden_size=prompt.embed_dim,
-            image_size=enc.img_size,
-            patch_size=enc.patch_size,
-            mask_input_channels=prompt.mask_in_chans,
-        ),
-        mask_decoder_config=dict(
-            hidden_size=dec.transformer_dim,
-            mlp_dim=dec.mlp_dim,
-            num_hidden_layers=dec.transformer_depth,
-            num_attention_heads=dec.num_heads,
-            attention_downsample_rate=dec.attention_downsample_rate,
-            num_multimask_outputs=dec.num_multimask_outputs,
-            iou_head_depth=dec.iou_head_depth,
-            iou_head_hidden_dim=dec.iou_head_hidden_dim,
-        ),
+    options = hf_config(config)
+    hf_config_obj = HFConfig(
+        vision_config=options["vision_config"],
+        prompt_encoder_config=options["prompt_encoder_config"],
+        mask_decoder_config=options["mask_decoder_config"],
     )
-    hf_config._attn_implementation = "eager"
-    model = SamModel(hf_config).eval()
+    hf_config_obj._attn_implementation = "eager"
+    model = SamModel(hf_config_obj).eval()
     model.load_state_dict(official_to_hf(state_dict), strict=True)
     return model
 

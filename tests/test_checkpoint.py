@@ -238,6 +238,13 @@ def test_convert_round_trip_through_every_format(tiny_model, tiny_files, tmp_pat
         assert f"({fmt})" in result.stdout
     _assert_same_weights(load_sam(back), tiny_model.state_dict())
     assert load_sam(hf.parent).config == TINY  # the folder form of a HF checkpoint
+    # and transformers opens that folder itself (config.json written beside the weights)
+    from transformers import SamModel
+
+    theirs = SamModel.from_pretrained(hf.parent)
+    ours_hf = hf_reference(TINY, tiny_model.state_dict()).state_dict()
+    for key, tensor in theirs.state_dict().items():
+        torch.testing.assert_close(tensor, ours_hf[key], rtol=0, atol=0, msg=key)
 
 
 def test_convert_user_errors_are_one_line(tmp_path):

@@ -56,7 +56,7 @@ def _naive_attention(q, k, v, rel_pos, size):
 
 
 @pytest.mark.parametrize("size", [(4, 4), (5, 3), (14, 14)])
-@pytest.mark.parametrize("backend", ["reference", "sdpa", "fused"])
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "fused", "flex"])
 def test_attention_paths_equal_the_definition(size, backend):
     q, k, v, rel = _qkv(2, 3, size, 16)
     expected = _naive_attention(q, k, v, rel, size)

@@ -30,7 +30,7 @@ from samkit.config import (
     SamConfig,
     variant_name,
 )
-from samkit.keys import hf_to_official, official_to_hf
+from samkit.keys import hf_config, hf_to_official, official_to_hf
 
 CheckpointFormat = Literal["official", "hf", "samkit"]
 FORMATS: tuple[str, ...] = ("official", "hf", "samkit")
@@ -289,6 +289,9 @@ def save_checkpoint(
             torch.save(tensors, tmp)
         elif fmt == "hf":
             save_file(official_to_hf(tensors), tmp, metadata={"format": "pt"})
+            config = config or infer_config(tensors, path)
+            # beside the weights, so that transformers' SamModel.from_pretrained opens the folder
+            write_json_atomic(path.parent / "config.json", hf_config(config))
         else:
             config = config or infer_config(tensors, path)
             metadata = {"format": SAMKIT_FORMAT_TAG, "config": json.dumps(config.to_dict())}
@@ -298,6 +301,12 @@ def save_checkpoint(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def convert_checkpoint(

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
 import torch
+
+from samkit.config import SamConfig
 
 # (official, hugging face): dotted fragments, matched on whole key components, longest first
 HF_RENAMES: tuple[tuple[str, str], ...] = (
@@ -110,4 +113,44 @@ def hf_to_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return {
         _FROM_HF_RE.sub(lambda m: _FROM_HF[m.group(1)], _HF_MLP.sub(mlp_name, key)): tensor
         for key, tensor in state_dict.items()
+    }
+
+
+def hf_config(config: SamConfig) -> dict[str, Any]:
+    """The `transformers` SamConfig (as a config.json dict) of a model of this config."""
+    enc, prompt, dec = config.image_encoder, config.prompt_encoder, config.mask_decoder
+    return {
+        "model_type": "sam",
+        "architectures": ["SamModel"],
+        "vision_config": {
+            "hidden_size": enc.embed_dim,
+            "output_channels": enc.out_chans,
+            "num_hidden_layers": enc.depth,
+            "num_attention_heads": enc.num_heads,
+            "image_size": enc.img_size,
+            "patch_size": enc.patch_size,
+            "mlp_ratio": enc.mlp_ratio,
+            "window_size": enc.window_size,
+            "global_attn_indexes": list(enc.global_attn_indexes),
+            "num_pos_feats": prompt.embed_dim // 2,
+            "qkv_bias": enc.qkv_bias,
+            "use_abs_pos": enc.use_abs_pos,
+            "use_rel_pos": enc.use_rel_pos,
+        },
+        "prompt_encoder_config": {
+            "hidden_size": prompt.embed_dim,
+            "image_size": enc.img_size,
+            "patch_size": enc.patch_size,
+            "mask_input_channels": prompt.mask_in_chans,
+        },
+        "mask_decoder_config": {
+            "hidden_size": dec.transformer_dim,
+            "mlp_dim": dec.mlp_dim,
+            "num_hidden_layers": dec.transformer_depth,
+            "num_attention_heads": dec.num_heads,
+            "attention_downsample_rate": dec.attention_downsample_rate,
+            "num_multimask_outputs": dec.num_multimask_outputs,
+            "iou_head_depth": dec.iou_head_depth,
+            "iou_head_hidden_dim": dec.iou_head_hidden_dim,
+        },
     }

@@ -8,8 +8,10 @@ For a query at (qh, qw) and a key at (kh, kw) of an h x w map, the logit gets
 - ``fused``: the bias folded into the dot product: q gets its two rel-pos terms appended
   (h + w features) and k gets one-hot row/column indicators, so ``q' . k'`` equals the biased
   logit exactly and any dense (flash) kernel computes it without an N x N tensor.
+- ``flex``: FlexAttention with a score_mod that adds the two terms inside the kernel (meant to
+  run under torch.compile; eager it falls back to a slow unfused loop).
 
-A test keeps the three equal.
+A test keeps them equal.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-AttentionBackend = Literal["reference", "sdpa", "fused"]
-BACKENDS: tuple[str, ...] = ("reference", "sdpa", "fused")
+AttentionBackend = Literal["reference", "sdpa", "fused", "flex"]
+BACKENDS: tuple[str, ...] = ("reference", "sdpa", "fused", "flex")
 
 
 def relative_index(size: int, device: torch.device) -> torch.Tensor:
@@ -90,6 +92,24 @@ def _fused(
     return out[..., :d]
 
 
+def _flex(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    size: tuple[int, int],
+) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    w = size[1]
+
+    def add_rel_pos(score, b, head, q_idx, kv_idx):
+        return score + rel_h[b, head, q_idx, kv_idx // w] + rel_w[b, head, q_idx, kv_idx % w]
+
+    return flex_attention(q, k, v, score_mod=add_rel_pos)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -124,5 +144,7 @@ def attention(
         return (logits.softmax(dim=-1) @ v.float()).to(q.dtype)
     if backend == "fused" and rel is not None:
         return _fused(q, k, v, rel[0], rel[1], size)
+    if backend == "flex" and rel is not None:
+        return _flex(q, k, v, rel[0], rel[1], size)
     mask = None if rel is None else _bias(rel[0], rel[1], size)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

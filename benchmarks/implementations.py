@@ -1,0 +1,123 @@
+"""The implementations the benchmark compares, each behind one small interface.
+
+Every implementation gets the same random weights (samkit's official-layout state_dict: the
+official package takes it as is, transformers through samkit's key table) and the same inputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from samkit.build import build_sam
+from samkit.config import ImageEncoderConfig, SamConfig, variant_config
+from samkit.keys import hf_config, official_to_hf
+
+# "tiny": a seconds-long stand-in for smoke runs (CI); the rest are the official variants
+TINY = SamConfig(
+    image_encoder=ImageEncoderConfig(
+        img_size=256, embed_dim=64, depth=2, num_heads=2, window_size=4, global_attn_indexes=(1,)
+    )
+)
+
+
+def config_for(model_type: str) -> SamConfig:
+    return TINY if model_type == "tiny" else variant_config(model_type)
+
+
+def random_state_dict(model_type: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Default-initialised weights with the zero-initialised tables filled, fp32 on the CPU."""
+    torch.manual_seed(seed)
+    model = build_sam(config_for(model_type))
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if "rel_pos" in name or name.endswith("pos_embed"):
+                tensor.normal_(0.0, 0.2)
+    return model.state_dict()
+
+
+@dataclass
+class Encoder:
+    """A callable from a normalised, padded Bx3xSxS float32 batch to Bx256x64x64 embeddings."""
+
+    name: str
+    run: Callable[[torch.Tensor], torch.Tensor]
+    model: torch.nn.Module
+
+
+def samkit_encoder(
+    state_dict, model_type, device, *, dtype=torch.float32, backend="sdpa", compile_mode=None
+) -> Encoder:
+    from samkit.fast import compile_encoder
+
+    model = build_sam(config_for(model_type), device=device)
+    model.load_state_dict(state_dict)
+    model.set_attention_backend(backend)
+    model = model.to(dtype)
+    encoder = model.image_encoder
+    if compile_mode:
+        encoder = compile_encoder(encoder, mode=compile_mode)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return encoder(x.to(dtype))
+
+    tag = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    name = f"samkit {tag} {backend}" + (f" compile({compile_mode})" if compile_mode else "")
+    return Encoder(name, run, model)
+
+
+def official_available(model_type: str) -> bool:
+    return model_type != "tiny" and importlib.util.find_spec("segment_anything") is not None
+
+
+def official_model(state_dict, model_type, device, dtype=torch.float32):
+    from segment_anything import sam_model_registry
+
+    model = sam_model_registry[model_type]()
+    model.load_state_dict(state_dict)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def official_encoder(state_dict, model_type, device, *, dtype=torch.float32) -> Encoder:
+    model = official_model(state_dict, model_type, device, dtype)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model.image_encoder(x.to(dtype))
+
+    tag = "fp32" if dtype == torch.float32 else "bf16 weights"
+    return Encoder(f"official {tag}", run, model)
+
+
+def transformers_available() -> bool:
+    return importlib.util.find_spec("transformers") is not None
+
+
+def transformers_model(state_dict, model_type, device, dtype=torch.float32, attn="sdpa"):
+    from transformers import SamConfig, SamModel
+
+    options = hf_config(config_for(model_type))
+    config = SamConfig(
+        vision_config=options["vision_config"],
+        prompt_encoder_config=options["prompt_encoder_config"],
+        mask_decoder_config=options["mask_decoder_config"],
+    )
+    config._attn_implementation = attn
+    model = SamModel(config)
+    model.load_state_dict(official_to_hf(state_dict), strict=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def transformers_encoder(state_dict, model_type, device, *, dtype=torch.float32) -> Encoder:
+    model = transformers_model(state_dict, model_type, device, dtype)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model.vision_encoder(x.to(dtype)).last_hidden_state
+
+    tag = "fp32" if dtype == torch.float32 else "bf16"
+    return Encoder(f"transformers {tag} sdpa", run, model)
