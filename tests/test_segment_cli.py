@@ -144,6 +144,8 @@ def test_segment_boxes_embedding_and_mask_input(workdir):
         [5.0, 5.0, 40.0, 50.0],
         [45.0, 10.0, 75.0, 55.0],
     ]
+    # the run on another image gets its own copy: the runs below are concurrent
+    (workdir / "other.emb").write_bytes((workdir / "photo.emb").read_bytes())
     again, refined, other = segment_many(
         [
             ["photo.png", "--checkpoint", "tiny.pth", "--box", "5,5,40,50", "--box",
@@ -151,7 +153,7 @@ def test_segment_boxes_embedding_and_mask_input(workdir):
             ["photo.png", "--checkpoint", "tiny.pth", "--point", "30,20", "--mask-input",
              "boxes/mask_0_1.png", "--out", "refined"],
             ["gray.png", "--checkpoint", "tiny.pth", "--point", "30,20", "--out", "other",
-             "--embedding", "photo.emb"],
+             "--embedding", "other.emb"],
         ],
         cwd=workdir,
     )  # fmt: skip
