@@ -1,5 +1,6 @@
 """samkit: Segment Anything with the official checkpoints, faster, with tools around it."""
 
+from samkit.amg import SamAutomaticMaskGenerator
 from samkit.build import (
     build_sam,
     build_sam_vit_b,
@@ -20,6 +21,7 @@ __all__ = [
     "CheckpointError",
     "PointLabel",
     "Sam",
+    "SamAutomaticMaskGenerator",
     "SamConfig",
     "SamPredictor",
     "build_sam",

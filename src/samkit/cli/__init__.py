@@ -12,6 +12,7 @@ from samkit.cli.common import UserError, user_errors
 # subcommand -> module; each module defines add_parser(subparsers) and run(args) -> int
 COMMANDS: dict[str, str] = {
     "convert": "samkit.cli.convert",
+    "everything": "samkit.cli.everything",
     "segment": "samkit.cli.segment",
 }
 

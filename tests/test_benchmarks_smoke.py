@@ -1,0 +1,23 @@
+"""The benchmark scripts run end to end (tiny models, CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_amg_benchmark_smoke(tmp_path) -> None:
+    out = tmp_path / "amg.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "amg_benchmark.py"), "--tiny"]
+    command += ["--device", "cpu", "--points-per-side", "4", "--runs", "1", "--worst-case"]
+    command += ["--height", "120", "--width", "180", "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "samkit generate" in result.stdout and "encoder only" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["samkit_masks"] == 4 * 4 * 3  # the worst case keeps every mask
+    assert report["samkit_s"] > 0 and report["encoder_s"] > 0

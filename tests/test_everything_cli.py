@@ -1,0 +1,161 @@
+"""`samkit everything`: outputs and their layouts, bad files, resuming, --overwrite, names."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as coco_mask
+
+from reference import TINY, random_sam
+from samkit.amg.export import METADATA_COLUMNS
+from samkit.checkpoint import save_checkpoint
+from samkit.cli import main
+from samkit.cli.everything import output_names
+
+# thresholds 0 so that the random TINY model's masks survive
+FAST = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
+FAST += ["--box-nms-thresh", "0.9", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(random_sam(TINY).state_dict(), path, "samkit", TINY)
+    return str(path)
+
+
+def _photos(folder: Path, names: list[str], h: int = 36, w: int = 52) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for name in names:
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def _run(inputs, out, checkpoint, *extra) -> int:
+    args = ["everything", *map(str, inputs), "--checkpoint", checkpoint, "--out", str(out)]
+    return main([*args, "--device", "cpu", *FAST, *extra])
+
+
+def test_sa1b_layout_and_a_corrupt_file(tmp_path, checkpoint, capsys) -> None:
+    _photos(tmp_path / "in", ["a.png", "b.jpg"])
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    assert _run([tmp_path / "in"], tmp_path / "out", checkpoint) == 1
+    captured = capsys.readouterr()
+    [failure] = [line for line in captured.err.splitlines() if "failed" in line]
+    assert "broken.jpg" in failure
+    assert "2 done, 0 skipped (output exists), 1 failed" in captured.out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.json", "b.json"]
+
+    doc = json.loads((tmp_path / "out" / "a.json").read_text())
+    assert doc["image"] == {"image_id": 1, "width": 52, "height": 36, "file_name": "a.png"}
+    assert len(doc["annotations"]) > 0
+    for i, ann in enumerate(doc["annotations"]):
+        assert set(ann) == {
+            "id",
+            "segmentation",
+            "bbox",
+            "area",
+            "predicted_iou",
+            "stability_score",
+            "crop_box",
+            "point_coords",
+        }
+        assert ann["id"] == i and ann["crop_box"] == [0, 0, 52, 36]
+        rle = ann["segmentation"]
+        assert rle["size"] == [36, 52] and isinstance(rle["counts"], str)
+        mask = coco_mask.decode({"size": rle["size"], "counts": rle["counts"].encode()})
+        assert mask.sum() == ann["area"]
+        ys, xs = np.nonzero(mask)
+        assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()]
+        assert len(ann["point_coords"]) == 1 and len(ann["point_coords"][0]) == 2
+
+
+def test_png_layout_and_overlay(tmp_path, checkpoint) -> None:
+    _photos(tmp_path, ["img.png"])
+    out = tmp_path / "out"
+    assert _run([tmp_path / "img.png"], out, checkpoint, "--format", "png", "--overlay") == 0
+    folder = out / "img"
+    with open(folder / "metadata.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert tuple(rows[0]) == METADATA_COLUMNS
+    masks = sorted(folder.glob("*.png"), key=lambda p: int(p.stem))
+    assert [p.name for p in masks] == [f"{i}.png" for i in range(len(rows) - 1)]
+    for row, png in zip(rows[1:], masks, strict=True):
+        mask = np.asarray(Image.open(png))
+        assert mask.shape == (36, 52) and set(np.unique(mask)) <= {0, 255}
+        assert int(row[0]) == int(png.stem) and int(row[1]) == (mask == 255).sum()
+        assert [int(v) for v in row[10:]] == [0, 0, 52, 36]
+    overlay = np.asarray(Image.open(out / "img.overlay.png"))
+    assert overlay.shape == (36, 52, 3)
+    assert not list(out.glob(".*"))  # no temp files left behind
+
+
+def test_resume_skips_done_images_and_overwrite_redoes_them(tmp_path, checkpoint, capsys) -> None:
+    _photos(tmp_path / "in", ["a.png", "b.png", "c.png"])
+    out = tmp_path / "out"
+    assert _run([tmp_path / "in" / "a.png", tmp_path / "in" / "b.png"], out, checkpoint) == 0
+    old = 1_000_000_000
+    for name in ["a.json", "b.json"]:
+        os.utime(out / name, (old, old))
+    capsys.readouterr()
+
+    assert _run([tmp_path / "in"], out, checkpoint) == 0  # the half-done folder
+    assert "1 done, 2 skipped" in capsys.readouterr().out
+    assert [int((out / n).stat().st_mtime) for n in ["a.json", "b.json"]] == [old, old]
+    assert (out / "c.json").is_file()
+
+    assert _run([tmp_path / "in"], out, checkpoint, "--overwrite") == 0
+    assert "3 done, 0 skipped" in capsys.readouterr().out
+    assert all(int((out / n).stat().st_mtime) > old for n in ["a.json", "b.json"])
+
+
+def test_png_folders_resume_and_overwrite(tmp_path, checkpoint, capsys) -> None:
+    _photos(tmp_path, ["x.png"])
+    out = tmp_path / "out"
+    assert _run([tmp_path / "x.png"], out, checkpoint, "--format", "png") == 0
+    (out / "x" / "marker").write_text("")  # a folder from an earlier run
+    assert _run([tmp_path / "x.png"], out, checkpoint, "--format", "png") == 0
+    assert (out / "x" / "marker").exists()
+    assert _run([tmp_path / "x.png"], out, checkpoint, "--format", "png", "--overwrite") == 0
+    assert not (out / "x" / "marker").exists() and (out / "x" / "metadata.csv").is_file()
+    assert "1 done" in capsys.readouterr().out
+    assert not list(out.glob(".*"))
+
+
+def test_same_stems_get_distinct_names(tmp_path, checkpoint) -> None:
+    paths = _photos(tmp_path / "in", ["a/x.png", "b/x.jpg", "b/y.png", "b/y.jpg", "z.png"])
+    names = output_names(paths)
+    assert list(names.values()) == ["a/x", "b/x", "b/y.png", "b/y.jpg", "z"]
+    assert _run([tmp_path / "in"], tmp_path / "out", checkpoint) == 0
+    written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in tmp_path.rglob("*.json"))
+    assert written == ["a/x.json", "b/x.json", "b/y.jpg.json", "b/y.png.json", "z.json"]
+
+
+def test_usage_errors_exit_2(tmp_path, checkpoint, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    assert _run([tmp_path / "empty"], tmp_path / "out", checkpoint) == 2
+    assert "no images" in capsys.readouterr().err
+    _photos(tmp_path, ["a.png"])
+    assert _run([tmp_path / "a.png"], tmp_path / "out", str(tmp_path / "missing.pth")) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        _run([tmp_path / "a.png"], tmp_path / "out", checkpoint, "--points-per-side", "0")
+    assert exit_info.value.code == 2
+
+
+def test_help_has_examples_and_every_option(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["everything", "--help"])
+    text = capsys.readouterr().out
+    assert "examples:" in text and "--overwrite" in text
+    for option in ["points-per-side", "crop-overlap-ratio", "min-mask-region-area", "format"]:
+        assert f"--{option}" in text
