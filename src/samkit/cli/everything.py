@@ -42,6 +42,36 @@ Exit code: 0 all done, 1 some images failed (each reported in one line), 2 usage
 """
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+# SamAutomaticMaskGenerator's own arguments: (flag, type, official default, help)
+GENERATOR_OPTIONS = (
+    ("points-per-side", _positive_int, 32, "points along each side of the grid"),
+    ("points-per-batch", _positive_int, 64, "points decoded at once (memory vs speed)"),
+    ("pred-iou-thresh", float, 0.88, "keep masks with predicted IoU above this; 0: off"),
+    ("stability-score-thresh", float, 0.95, "keep masks at least this stable; 0: off"),
+    ("stability-score-offset", float, 1.0, "logit shift for the stability score"),
+    ("box-nms-thresh", float, 0.7, "box IoU above which duplicates in a crop are dropped"),
+    ("crop-n-layers", _non_negative_int, 0, "crop layers run again on (2**i)**2 crops"),
+    ("crop-nms-thresh", float, 0.7, "box IoU for duplicates across crops"),
+    ("crop-overlap-ratio", float, 512 / 1500, "overlap of the first layer's crops"),
+    ("crop-n-points-downscale-factor", _positive_int, 1, "points per side / this**layer"),
+    ("min-mask-region-area", _non_negative_int, 0, "fill holes, drop islands below; 0: off"),
+)
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command(
         subparsers,
@@ -74,21 +104,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
     group = parser.add_argument_group("generator options (official defaults)")
-    group.add_argument("--points-per-side", type=_positive_int, default=32)
-    group.add_argument("--points-per-batch", type=_positive_int, default=64)
-    group.add_argument("--pred-iou-thresh", type=float, default=0.88)
-    group.add_argument("--stability-score-thresh", type=float, default=0.95)
-    group.add_argument("--stability-score-offset", type=float, default=1.0)
-    group.add_argument("--box-nms-thresh", type=float, default=0.7)
-    group.add_argument("--crop-n-layers", type=_non_negative_int, default=0)
-    group.add_argument("--crop-nms-thresh", type=float, default=0.7)
-    group.add_argument("--crop-overlap-ratio", type=float, default=512 / 1500)
-    group.add_argument("--crop-n-points-downscale-factor", type=_positive_int, default=1)
-    group.add_argument("--min-mask-region-area", type=_non_negative_int, default=0)
+    for flag, kind, default, text in GENERATOR_OPTIONS:
+        group.add_argument(
+            f"--{flag}", type=kind, default=default, metavar="X", help=f"{text} (%(default)s)"
+        )
     group.add_argument(
         "--max-mask-region-fraction",
         type=float,
         default=None,
+        metavar="X",
         help="drop masks covering more than this fraction of the image (default: off; the "
         "paper used 0.95)",
     )
@@ -189,36 +213,12 @@ def _outputs_exist(out: Path, name: str, args: argparse.Namespace) -> bool:
 
 
 def _official_options(args: argparse.Namespace) -> dict[str, float | int]:
-    names = (
-        "points_per_side",
-        "points_per_batch",
-        "pred_iou_thresh",
-        "stability_score_thresh",
-        "stability_score_offset",
-        "box_nms_thresh",
-        "crop_n_layers",
-        "crop_nms_thresh",
-        "crop_overlap_ratio",
-        "crop_n_points_downscale_factor",
-        "min_mask_region_area",
-    )
-    return {name: getattr(args, name) for name in names}
+    return {
+        flag.replace("-", "_"): getattr(args, flag.replace("-", "_"))
+        for flag, *_ in GENERATOR_OPTIONS
+    }
 
 
 def _one_line(error: BaseException, path: Path) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     return text if str(path) in text else f"{path}: {text}"
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
