@@ -403,3 +403,12 @@ def test_cuda_gives_the_cpu_records(model) -> None:
         assert a["bbox"] == b["bbox"] and a["point_coords"] == b["point_coords"]
         assert abs(a["predicted_iou"] - b["predicted_iou"]) <= ATOL
         assert abs(a["stability_score"] - b["stability_score"]) <= ATOL
+
+
+def test_tiny_images_and_empty_crops(model) -> None:
+    options = {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    for shape, layers in [((1, 1), 0), ((3, 200), 0), ((5, 5), 2)]:  # 5x5 has empty crops
+        records = SamAutomaticMaskGenerator(model, crop_n_layers=layers, **options).generate(
+            np.full((*shape, 3), 100, np.uint8)
+        )
+        assert all(r["segmentation"].shape == shape for r in records)

@@ -157,9 +157,11 @@ class SamAutomaticMaskGenerator:
     ) -> MaskTable:
         """Masks of one crop, de-duplicated, in the image frame. `points`: [P, 2] crop frame."""
         x0, y0, x1, y1 = crop_box
+        orig_size = (image.shape[0], image.shape[1])
+        if x1 <= x0 or y1 <= y0:  # deep crop layers on tiny images give empty crops
+            return MaskTable.empty(orig_size, self.model.device)
         self.predictor.set_image(image[y0:y1, x0:x1, :])
         embedding = self.predictor.get_image_embedding()
-        orig_size = (image.shape[0], image.shape[1])
         tables = [MaskTable.empty(orig_size, self.model.device)]
         for begin in range(0, len(points), self.points_per_batch):
             batch = points[begin : begin + self.points_per_batch]
