@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-import implementations as impl  # the script's folder is on sys.path
 from samkit.build import build_sam
+
+import implementations as impl  # the script's folder is on sys.path
 
 
 def time_call(fn: Callable[[], object], device: torch.device, runs: int, warmup: int) -> float:
@@ -129,9 +130,23 @@ def measure(factory, state_dict, model_type, x, ref_emb, reference, args) -> dic
         cos = torch.nn.functional.cosine_similarity(out.flatten(1), ref_emb.flatten(1), dim=1)
         row["cosine"] = cos.min().item()
         row["mask_iou"] = mask_iou_with_reference(out, ref_emb, reference)
+        if args.profile and device.type == "cuda":
+            print_profile(lambda: encoder.run(x), encoder.name)
     except Exception as error:
         row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
     return row
+
+
+def print_profile(fn, name: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(f"--- {name}")
+    print(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70)
+    )
 
 
 def format_row(row: dict) -> str:
@@ -171,20 +186,26 @@ def main(argv=None) -> int:
     parser.add_argument("--fast-backends", default="fused", type=lambda s: s.split(","))
     parser.add_argument("--no-others", action="store_true", help="samkit only")
     parser.add_argument("--latency", action="store_true", help="also time set_image and a prompt")
+    parser.add_argument("--latency-only", action="store_true", help="only the latency table")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
     parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--profile", action="store_true", help="top CUDA kernels of each run")
     args = parser.parse_args(argv)
+    args.latency = args.latency or args.latency_only
     if args.tiny:
         args.models, args.batches, args.runs, args.warmup = ["tiny"], [1, 2], 1, 0
         args.compile_modes = []
     device = torch.device(args.device)
     print(f"# {machine()}, {time.strftime('%Y-%m-%d')}: {' '.join(sys.argv)}")
-    print(HEADER)
-    rows = run_encoders(args, device)
+    rows = []
+    if not args.latency_only:
+        print(HEADER)
+        rows = run_encoders(args, device)
     result = {"machine": machine(), "argv": sys.argv, "encoder": rows}
     if args.latency:
         import latency
 
+        print(latency.HEADER)
         result["latency"] = latency.run(args, device)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -15,13 +15,14 @@ import pytest
 import torch
 from pycocotools import mask as coco_mask
 
-from reference import TINY, random_sam
 from samkit import SamAutomaticMaskGenerator
 from samkit.amg.geometry import generate_crop_boxes
 from samkit.amg.masks import batched_mask_to_box, mask_to_rle, rle_to_mask
 from samkit.amg.records import MaskRecord, MaskTable
 from samkit.amg.rle_batch import RleBatch
 from samkit.predictor import SamPredictor
+
+from reference import TINY, random_sam
 
 ATOL = 1e-6
 

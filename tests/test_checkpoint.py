@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import samkit
-from reference import TINY, assert_close_scaled, hf_reference, random_sam
 from samkit.build import build_sam, expected_state_dict, load_sam
 from samkit.checkpoint import CheckpointError, infer_config, read_checkpoint, save_checkpoint
 from samkit.config import VARIANTS
+
+from reference import TINY, assert_close_scaled, hf_reference, random_sam
 
 
 @pytest.fixture(scope="module")

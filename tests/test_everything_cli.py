@@ -12,11 +12,12 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from reference import TINY, random_sam
 from samkit.amg.export import METADATA_COLUMNS
 from samkit.checkpoint import save_checkpoint
 from samkit.cli import main
 from samkit.cli.everything import output_names
+
+from reference import TINY, random_sam
 
 # thresholds 0 so that the random TINY model's masks survive
 FAST = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference import TINY, assert_close_scaled, random_sam
 from samkit.build import expected_state_dict
 from samkit.config import VARIANTS
 from samkit.modeling import Sam
 from samkit.modeling.attention import attention
 from samkit.modeling.image_encoder import window_partition, window_unpartition
+
+from reference import TINY, assert_close_scaled, random_sam
 
 # parameter and tensor counts of the official checkpoints (shared/sam-reference.md section 1)
 OFFICIAL_SIZES = {
@@ -196,3 +197,24 @@ def test_cuda_paths_match_cpu_reference():
             gpu.set_attention_backend(backend)
             # TF32 may be on for CUDA matmuls: 1e-3 of the scale
             assert_close_scaled(gpu.image_encoder(image.cuda()).cpu(), expected, rel=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dim", [64, 80])
+@pytest.mark.parametrize("size", [(64, 64), (14, 32), (5, 16)])
+def test_cuda_relpos_kernel_matches_reference_path(size, dim):
+    from samkit.kernels import relpos_flash
+
+    q, k, v, rel = _qkv(2, 3, size, dim, seed=4)
+    q, k, v = (t.cuda().bfloat16() for t in (q, k, v))
+    rel = tuple((0.2 * t).cuda().bfloat16() for t in rel)
+    with torch.inference_mode():
+        assert relpos_flash.supported(q, size)
+        out = attention(q, k, v, rel_pos=rel, size=size, backend="fused")
+        # the same bf16 inputs through the float32 reference path
+        expected = attention(q, k, v, rel_pos=rel, size=size, backend="reference")
+    err = (out.float() - expected.float()).abs().max().item()
+    print(f"relpos kernel {size} d={dim}: max abs err {err:.3g}")
+    # flash-style rounding: probabilities cast to bf16 before P.V (8-bit mantissa): 1e-2
+    assert_close_scaled(out.float(), expected.float(), rel=1e-2)

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from reference import TINY, assert_close_scaled, hf_reference, random_sam
 from samkit.config import VARIANTS, SamConfig
+
+from reference import TINY, assert_close_scaled, hf_reference, random_sam
 
 
 @dataclass

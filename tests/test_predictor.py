@@ -16,14 +16,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from images import photo
-from reference import TINY, assert_close_scaled, hf_reference, random_sam
 from samkit import SamPredictor
 from samkit.checkpoint import save_checkpoint
 from samkit.config import VARIANTS
 from samkit.embedding import EmbeddingError, EmbeddingMismatchError
 from samkit.prompts import ObjectPrompts
 from samkit.transforms import ResizeLongestSide
+
+from images import photo
+from reference import TINY, assert_close_scaled, hf_reference, random_sam
 
 # the official pixel normalisation and input side, written out independently of samkit
 MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)

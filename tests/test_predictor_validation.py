@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from samkit import SamPredictor
+
 from images import photo
 from reference import TINY, random_sam
-from samkit import SamPredictor
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,12 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from images import photo
-from reference import TINY, random_sam
 from samkit import SamPredictor, load_sam
 from samkit.checkpoint import save_checkpoint
 from samkit.io import load_image
+
+from images import photo
+from reference import TINY, random_sam
 
 # TINY with the decoder's 8 heads: head counts are not visible in weight shapes, so
 # `--model-type auto` detects this config exactly and in-process results can be compared.

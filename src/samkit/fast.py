@@ -1,7 +1,9 @@
-"""Speed, layered on top of the same modules: dtype, attention kernel, torch.compile.
+"""Speed, layered on top of the same modules: dtype, attention kernel, torch.compile, graphs.
 
-Nothing here changes the model's definition: the fast path is the reference model cast to
-bf16, with the rel-pos bias folded into a flash-attention kernel and the encoder compiled.
+Nothing here changes the model's definition. `fast=True` on a predictor means, on CUDA: the
+image encoder in bf16 with the rel-pos bias computed inside a flash-attention kernel, compiled;
+the prompt encoder and mask decoder kept in fp32 and replayed as a CUDA graph; the image resized
+and normalised on the GPU. On the CPU it means the measured best CPU plan (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -9,22 +11,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from samkit.modeling import Sam
 from samkit.modeling.attention import AttentionBackend
+from samkit.transforms import get_preprocess_shape
 
 
 @dataclass(frozen=True)
 class SpeedPlan:
-    """How a model runs: what `fast=True` means on one device."""
+    """How a model runs: what `fast=True` means on one kind of device."""
 
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype = torch.float32  # of the image encoder
     attention: AttentionBackend = "sdpa"
-    compile_mode: str | None = None  # torch.compile mode for the image encoder, None = eager
-
-    @property
-    def is_reference(self) -> bool:
-        return self.dtype == torch.float32 and self.compile_mode is None
+    compile_mode: str | None = None  # torch.compile mode for the image encoder; None = eager
+    graph_decoder: bool = False  # replay prompt encoder + mask decoder as a CUDA graph
+    resize_on_device: bool = False  # resize/normalise on the device instead of with PIL
 
 
 REFERENCE = SpeedPlan()
@@ -34,10 +36,18 @@ def fast_plan(device: torch.device) -> SpeedPlan:
     """The fastest plan measured for this kind of device (benchmarks/README.md)."""
     if device.type == "cuda":
         major, _ = torch.cuda.get_device_capability(device)
-        dtype = torch.bfloat16 if major >= 8 else torch.float16
-        return SpeedPlan(dtype=dtype, attention="fused", compile_mode="max-autotune-no-cudagraphs")
-    # CPU: fp32 with SDPA measured fastest on a 2-core AVX-512 machine
-    return SpeedPlan(dtype=torch.float32, attention="sdpa", compile_mode=None)
+        return SpeedPlan(
+            dtype=torch.bfloat16 if major >= 8 else torch.float16,
+            attention="fused",
+            compile_mode="max-autotune-no-cudagraphs",
+            graph_decoder=True,
+            resize_on_device=True,
+        )
+    return CPU_PLAN
+
+
+# measured on a 2-core AVX-512 (bf16-capable) CPU: benchmarks/README.md
+CPU_PLAN = SpeedPlan(dtype=torch.bfloat16, attention="sdpa")
 
 
 def compile_encoder(encoder: torch.nn.Module, mode: str = "max-autotune-no-cudagraphs"):
@@ -45,7 +55,44 @@ def compile_encoder(encoder: torch.nn.Module, mode: str = "max-autotune-no-cudag
     return torch.compile(encoder, mode=mode, dynamic=False)
 
 
-def apply_plan(model: Sam, plan: SpeedPlan) -> Sam:
-    """Cast and set the attention kernel in place; compilation is left to the caller."""
-    model.set_attention_backend(plan.attention)
-    return model.to(plan.dtype)
+class Accelerated:
+    """The fast path of one model, with the predictor's `_encode`/`_decode` signatures."""
+
+    def __init__(self, model: Sam, plan: SpeedPlan | None = None) -> None:
+        self.model = model
+        self.plan = plan or fast_plan(model.device)
+        model.set_attention_backend(self.plan.attention)
+        model.image_encoder.to(self.plan.dtype)  # prompts and masks stay in fp32
+        if model.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the best conv
+        encoder = model.image_encoder
+        self._encoder = (
+            compile_encoder(encoder, self.plan.compile_mode)
+            if (self.plan.compile_mode)
+            else encoder
+        )
+        self._decoder = (
+            torch.compile(model.decode, mode="reduce-overhead", dynamic=False)
+            if self.plan.graph_decoder
+            else model.decode
+        )
+
+    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        """Normalised, padded (B, 3, S, S) -> fp32 embeddings (B, C, 64, 64)."""
+        return self._encoder(batch.to(self.plan.dtype)).float()
+
+    def decode(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        low_res, iou = self._decoder(*args, **kwargs)
+        if self.plan.graph_decoder:  # graph outputs are overwritten by the next replay
+            low_res, iou = low_res.clone(), iou.clone()
+        return low_res, iou
+
+    def resize(self, image: torch.Tensor) -> torch.Tensor:
+        """HxWx3 uint8 on the device -> (1, 3, h, w) float 0-255, long side = model input.
+
+        Bilinear with antialiasing (PIL's filter), rounded to integers like PIL's uint8 output.
+        """
+        size = get_preprocess_shape(image.shape[0], image.shape[1], self.model.config.image_size)
+        x = image.permute(2, 0, 1)[None].float()  # HxWxC -> 1xCxHxW
+        x = F.interpolate(x, size, mode="bilinear", align_corners=False, antialias=True)
+        return x.round_().clamp_(0, 255)

@@ -22,6 +22,7 @@ import torch
 from samkit import embedding as embedding_files
 from samkit.build import load_sam
 from samkit.embedding import ImageEmbedding, image_digest
+from samkit.fast import Accelerated
 from samkit.modeling import Sam
 from samkit.prompts import (
     ObjectPrompts,
@@ -48,9 +49,13 @@ class SamPredictor:
     image. The attributes are plain, as in the official predictor.
     """
 
-    def __init__(self, sam_model: Sam) -> None:
+    def __init__(self, sam_model: Sam, *, fast: bool = False) -> None:
+        """`fast=True` layers samkit.fast over the model (on CUDA: bf16 compiled encoder,
+        graphed decoder, resizing on the GPU; slightly different numbers, compiled on first use).
+        The default is the exact fp32 path."""
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.config.image_size)
+        self.accelerated = Accelerated(sam_model) if fast else None
         self.reset_image()
 
     @classmethod
@@ -61,9 +66,10 @@ class SamPredictor:
         *,
         device: str | torch.device | None = "auto",
         dtype: torch.dtype | None = None,
+        fast: bool = False,
     ) -> SamPredictor:
         """A predictor for a checkpoint file; `device="auto"` picks CUDA, then MPS, then CPU."""
-        return cls(load_sam(checkpoint, model_type, device=device, dtype=dtype))
+        return cls(load_sam(checkpoint, model_type, device=device, dtype=dtype), fast=fast)
 
     @property
     def device(self) -> torch.device:
@@ -96,7 +102,7 @@ class SamPredictor:
         self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
         self.input_size = (shape[2], shape[3])
         self.features = self._encode(self.model.preprocess(transformed_image))
-        self.image_digest = image_digest(transformed_image)
+        self._digest_source = transformed_image  # hashed only when asked for (host copy)
         self.is_image_set = True
 
     @torch.no_grad()
@@ -151,9 +157,22 @@ class SamPredictor:
         self.features: torch.Tensor | None = None
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
-        self.image_digest: str | None = None
+        self.image_digest = None
         # official attribute names, kept for scripts that read them
         self.orig_h = self.orig_w = self.input_h = self.input_w = None
+
+    @property
+    def image_digest(self) -> str | None:
+        """sha256 of the current model input image (samkit.embedding.image_digest)."""
+        if self._digest is None and self._digest_source is not None:
+            self._digest = image_digest(self._digest_source)
+            self._digest_source = None
+        return self._digest
+
+    @image_digest.setter
+    def image_digest(self, value: str | None) -> None:
+        self._digest = value
+        self._digest_source: torch.Tensor | None = None
 
     def save_embedding(self, path: str | os.PathLike) -> None:
         """Save the current image embedding to a safetensors file (see samkit.embedding)."""
@@ -308,6 +327,8 @@ class SamPredictor:
 
     def _encode(self, input_batch: torch.Tensor) -> torch.Tensor:
         """Normalised, padded (B, 3, S, S) images -> image embeddings (B, C, 64, 64)."""
+        if self.accelerated is not None:
+            return self.accelerated.encode(input_batch)
         return self.model.image_encoder(input_batch)
 
     def _decode(
@@ -320,9 +341,8 @@ class SamPredictor:
         multimask_output: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """B prompts in the input frame -> low-res logits (B, C, 256, 256), IoU (B, C)."""
-        return self.model.decode(
-            features, point_coords, point_labels, boxes, mask_input, multimask_output
-        )
+        decode = self.model.decode if self.accelerated is None else self.accelerated.decode
+        return decode(features, point_coords, point_labels, boxes, mask_input, multimask_output)
 
     @torch.inference_mode()
     def _predict_objects(
@@ -404,6 +424,8 @@ class SamPredictor:
             raise ValueError(f"{name}: expected dtype uint8 (0-255), got {image.dtype}")
         if image_format != self.model.image_format:
             image = np.ascontiguousarray(image[..., ::-1])
+        if self.accelerated is not None and self.accelerated.plan.resize_on_device:
+            return self.accelerated.resize(torch.from_numpy(image).to(self.device))
         resized = torch.from_numpy(np.array(self.transform.apply_image(image))).to(self.device)
         return resized.permute(2, 0, 1).contiguous()[None]  # HxWxC -> 1xCxHxW
 

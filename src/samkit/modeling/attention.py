@@ -5,9 +5,11 @@ For a query at (qh, qw) and a key at (kh, kw) of an h x w map, the logit gets
 
 - ``reference``: plain matmul + softmax in float32 with the full N x N bias. Slow, obviously right.
 - ``sdpa``: ``scaled_dot_product_attention`` with the bias materialised as ``attn_mask``.
-- ``fused``: the bias folded into the dot product: q gets its two rel-pos terms appended
-  (h + w features) and k gets one-hot row/column indicators, so ``q' . k'`` equals the biased
-  logit exactly and any dense (flash) kernel computes it without an N x N tensor.
+- ``fused``: no N x N tensor. On CUDA with Triton, for maps whose width is a power of two (the
+  64x64 global blocks), a flash kernel that adds the bias in-kernel (samkit.kernels); otherwise
+  the bias folded into the dot product: q gets its two rel-pos terms appended (h + w features)
+  and k gets one-hot row/column indicators, so ``q' . k'`` equals the biased logit exactly and
+  any dense (flash) kernel computes it.
 - ``flex``: FlexAttention with a score_mod that adds the two terms inside the kernel (meant to
   run under torch.compile; eager it falls back to a slow unfused loop).
 
@@ -49,12 +51,15 @@ def rel_pos_terms(
             f"rel-pos tables {tuple(rel_pos_h.shape)}/{tuple(rel_pos_w.shape)} do not fit a "
             f"{h}x{w} map (need {2 * h - 1} and {2 * w - 1} rows)"
         )
-    table_h = rel_pos_h[relative_index(h, q.device)].to(q.dtype)  # h x h x d (qh, kh)
-    table_w = rel_pos_w[relative_index(w, q.device)].to(q.dtype)  # w x w x d (qw, kw)
-    q_map = q.unflatten(-2, (h, w))  # ... x h x w x d
-    rel_h = torch.einsum("...hwd,hkd->...hwk", q_map, table_h)
-    rel_w = torch.einsum("...hwd,wkd->...hwk", q_map, table_w)
-    return rel_h.flatten(-3, -2), rel_w.flatten(-3, -2)
+    # q against every table row at once (one wide matmul), then pick row q - k + size - 1
+    all_h = q @ rel_pos_h.to(q.dtype).T  # ... x N x (2h-1)
+    all_w = q @ rel_pos_w.to(q.dtype).T  # ... x N x (2w-1)
+    rows = torch.arange(h * w, device=q.device)
+    index_h = relative_index(h, q.device)[rows // w]  # N x h: qh - kh + h - 1
+    index_w = relative_index(w, q.device)[rows % w]  # N x w: qw - kw + w - 1
+    rel_h = torch.gather(all_h, -1, index_h.expand(*all_h.shape[:-1], h))
+    rel_w = torch.gather(all_w, -1, index_w.expand(*all_w.shape[:-1], w))
+    return rel_h, rel_w
 
 
 def _bias(rel_h: torch.Tensor, rel_w: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -143,6 +148,13 @@ def attention(
             logits = logits + _bias(rel[0].float(), rel[1].float(), size)
         return (logits.softmax(dim=-1) @ v.float()).to(q.dtype)
     if backend == "fused" and rel is not None:
+        if q.is_cuda:
+            from samkit.kernels import relpos_flash
+
+            if relpos_flash.supported(q, size):
+                # fixed (contiguous) layouts: compiled graphs check the op's input strides
+                inputs = (t.contiguous() for t in (q, k, v, rel[0], rel[1]))
+                return relpos_flash.relpos_flash_attention(*inputs)
         return _fused(q, k, v, rel[0], rel[1], size)
     if backend == "flex" and rel is not None:
         return _flex(q, k, v, rel[0], rel[1], size)

@@ -1,0 +1,1 @@
+"""Optional GPU kernels (Triton); every one has a pure-torch fallback."""
