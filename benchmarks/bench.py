@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument(
         "--compile-modes",
-        default="max-autotune-no-cudagraphs",
+        default="default",
         type=lambda s: [m for m in s.split(",") if m],
     )
     parser.add_argument("--fast-backends", default="fused", type=lambda s: s.split(","))

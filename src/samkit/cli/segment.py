@@ -113,6 +113,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", metavar="DIR", help="output folder (default ./IMAGE_STEM_masks)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
     parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="the fast path (CUDA: bf16 compiled encoder, graphed decoder; compiles on first "
+        "use, so it pays off over many prompts or images); default: the exact fp32 path",
+    )
+    parser.add_argument(
         "--embedding",
         metavar="FILE",
         help="image embedding file: reused if it matches the image and model, else written",
@@ -147,7 +153,9 @@ def run(args: argparse.Namespace) -> int:
         if not (0 <= x < width and 0 <= y < height):
             warn(f"point ({x:g}, {y:g}) is outside the {width}x{height} image; SAM accepts it")
 
-    predictor = SamPredictor(load_sam(args.checkpoint, args.model_type, device=device))
+    predictor = SamPredictor(
+        load_sam(args.checkpoint, args.model_type, device=device), fast=args.fast
+    )
     mask_size = predictor.model.config.mask_size
     mask_input = None
     if args.mask_input:
