@@ -160,3 +160,10 @@ def test_help_has_examples_and_every_option(capsys) -> None:
     assert "examples:" in text and "--overwrite" in text
     for option in ["points-per-side", "crop-overlap-ratio", "min-mask-region-area", "format"]:
         assert f"--{option}" in text
+
+
+def test_fast_flag_runs(tmp_path, checkpoint, capsys) -> None:
+    _photos(tmp_path / "in", ["a.png"])
+    assert _run([tmp_path / "in"], tmp_path / "out", checkpoint, "--fast") == 0
+    assert "1 done" in capsys.readouterr().out
+    assert (tmp_path / "out" / "a.json").exists()

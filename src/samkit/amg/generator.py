@@ -73,9 +73,11 @@ class SamAutomaticMaskGenerator:
         output_mode: OutputMode = "binary_mask",
         *,
         max_mask_region_fraction: float | None = None,
+        fast: bool = False,
     ) -> None:
         """`point_grids` (exclusive with `points_per_side`) gives layer i's points as [P, 2] xy
-        in [0, 1]; otherwise layer i has int(points_per_side / factor**i) points per side."""
+        in [0, 1]; otherwise layer i has int(points_per_side / factor**i) points per side.
+        `fast=True` encodes through samkit.fast (see SamPredictor); the default is exact fp32."""
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("give exactly one of points_per_side and point_grids")
         if points_per_side is not None:
@@ -96,7 +98,7 @@ class SamAutomaticMaskGenerator:
                 f"max_mask_region_fraction must be in (0, 1], got {max_mask_region_fraction}"
             )
 
-        self.predictor = SamPredictor(model)
+        self.predictor = SamPredictor(model, fast=fast)
         self.point_grids = [
             np.asarray(grid, dtype=np.float64).reshape(-1, 2) for grid in point_grids
         ]

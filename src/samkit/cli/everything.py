@@ -96,6 +96,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="model variant (default: auto, read from the checkpoint)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="the fast path (CUDA: bf16 compiled encoder, graphed decoder); default: exact fp32",
+    )
     parser.add_argument("--format", choices=FORMATS, default="sa1b", help="(default: sa1b)")
     parser.add_argument(
         "--overlay", action="store_true", help=f"also write OUT/<name>{OVERLAY_SUFFIX}"
@@ -151,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
                 model,
                 output_mode="coco_rle" if args.format == "sa1b" else "binary_mask",
                 max_mask_region_fraction=args.max_mask_region_fraction,
+                fast=args.fast,
                 **_official_options(args),
             )
         except ValueError as e:
