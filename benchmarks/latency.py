@@ -31,10 +31,8 @@ def photo(shape=IMAGE_SHAPE, seed: int = 0) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def _samkit(state_dict, model_type, device, fast):
-    model = build_sam(impl.config_for(model_type), device=device)
-    model.load_state_dict(state_dict)
-    predictor = SamPredictor(model, fast=fast)
+def _with_prompts(predictor, device):
+    """(predictor, one point through predict_torch, the same point through predict)."""
     coords = torch.as_tensor(
         predictor.transform.apply_coords(POINT, IMAGE_SHAPE), dtype=torch.float, device=device
     )[None]
@@ -44,21 +42,19 @@ def _samkit(state_dict, model_type, device, fast):
         lambda: predictor.predict_torch(coords, labels),
         lambda: predictor.predict(POINT, np.array([1])),
     )
+
+
+def _samkit(state_dict, model_type, device, fast):
+    model = build_sam(impl.config_for(model_type), device=device)
+    model.load_state_dict(state_dict)
+    return _with_prompts(SamPredictor(model, fast=fast), device)
 
 
 def _official(state_dict, model_type, device):
     from segment_anything import SamPredictor as OfficialPredictor
 
-    predictor = OfficialPredictor(impl.official_model(state_dict, model_type, device))
-    coords = torch.as_tensor(
-        predictor.transform.apply_coords(POINT, IMAGE_SHAPE), dtype=torch.float, device=device
-    )[None]
-    labels = torch.ones(1, 1, dtype=torch.int, device=device)
-    return (
-        predictor,
-        lambda: predictor.predict_torch(coords, labels),
-        lambda: predictor.predict(POINT, np.array([1])),
-    )
+    model = impl.official_model(state_dict, model_type, device)
+    return _with_prompts(OfficialPredictor(model), device)
 
 
 def run(args, device: torch.device) -> list[dict]:
