@@ -66,12 +66,9 @@ class Accelerated:
         model.image_encoder.to(self.plan.dtype)  # prompts and masks stay in fp32
         if model.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the best conv
-        encoder = model.image_encoder
-        self._encoder = (
-            compile_encoder(encoder, self.plan.compile_mode)
-            if (self.plan.compile_mode)
-            else encoder
-        )
+        self._encoder = model.image_encoder
+        if self.plan.compile_mode:
+            self._encoder = compile_encoder(self._encoder, self.plan.compile_mode)
         self._decoder = (
             torch.compile(model.decode, mode="reduce-overhead", dynamic=False)
             if self.plan.graph_decoder
