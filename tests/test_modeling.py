@@ -218,3 +218,22 @@ def test_cuda_relpos_kernel_matches_reference_path(size, dim):
     print(f"relpos kernel {size} d={dim}: max abs err {err:.3g}")
     # flash-style rounding: probabilities cast to bf16 before P.V (8-bit mantissa): 1e-2
     assert_close_scaled(out.float(), expected.float(), rel=1e-2)
+
+
+def test_shared_image_path_equals_per_prompt_copies():
+    """Without a mask prompt the decoder shares the image side across prompts; the result must
+    equal giving every prompt its own copy of the image and dense embedding."""
+    model = random_sam(TINY)
+    with torch.no_grad():
+        emb = model.image_encoder(torch.randn(1, 3, 160, 160))
+        coords = torch.rand(5, 2, 2) * 160
+        labels = torch.tensor([[1, 0], [1, 1], [0, 1], [1, -1], [1, 0]])
+        sparse, dense = model.prompt_encoder((coords, labels), None, None)
+        assert dense.stride(0) == 0  # the broadcast no-mask embedding
+        args = (model.prompt_encoder.get_dense_pe(), sparse)
+        shared = model.mask_decoder(emb, *args, dense, multimask_output=True)
+        copies = model.mask_decoder(
+            emb.expand(5, -1, -1, -1).contiguous(), *args, dense.contiguous(), True
+        )
+    for got, want in zip(shared, copies, strict=True):
+        assert_close_scaled(got, want, rel=1e-5)

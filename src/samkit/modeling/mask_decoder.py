@@ -84,20 +84,23 @@ class MaskDecoder(nn.Module):
                 f"{image_embeddings.shape[0]} image embeddings for {batch} prompts: "
                 "give one embedding, or one per prompt"
             )
-        src = image_embeddings + dense_prompt_embeddings  # broadcasts one image over B prompts
-        src = src.expand(batch, -1, -1, -1)
-        b, c, h, w = src.shape
+        if dense_prompt_embeddings.shape[0] > 1 and dense_prompt_embeddings.stride(0) == 0:
+            # a broadcast dense embedding (no mask prompt) is the same for every prompt: keep
+            # one image so the decoder's first image-side projections run once, not B times
+            dense_prompt_embeddings = dense_prompt_embeddings[:1]
+        src = image_embeddings + dense_prompt_embeddings  # (1 or B) x C x h x w
+        _, c, h, w = src.shape
         hs, src = self.transformer(src, image_pe, tokens)
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
 
         # upscale the image tokens 4x and take a dot product with each mask token's hypernetwork
-        src = src.transpose(1, 2).reshape(b, c, h, w)  # Bx(hw)xC -> BxCxhxw
+        src = src.transpose(1, 2).reshape(src.shape[0], c, h, w)  # Bx(hw)xC -> BxCxhxw
         upscaled = self.output_upscaling(src)
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,
         )  # BxMx(C/8)
-        b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.flatten(2)).view(b, -1, h, w)
+        _, c, h, w = upscaled.shape
+        masks = (hyper_in @ upscaled.flatten(2)).view(batch, -1, h, w)
         return masks, self.iou_prediction_head(iou_token_out)

@@ -42,10 +42,12 @@ class TwoWayTransformer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
-            image_embedding: (B, C, h, w); image_pe: (B or 1, C, h, w).
+            image_embedding: (B or 1, C, h, w); one embedding is shared by the B prompts until
+                the first image->token attention makes it prompt-specific.
+            image_pe: (1, C, h, w).
             point_embedding: (B, T, C) prompt and output tokens (also their positional encoding).
         Returns:
-            tokens (B, T, C) and image tokens (B, h*w, C).
+            tokens (B, T, C) and image tokens (B, h*w, C) (batch 1 only if depth is 0).
         """
         keys = image_embedding.flatten(2).transpose(1, 2)  # BxCxhxw -> Bx(hw)xC
         key_pe = image_pe.flatten(2).transpose(1, 2)
@@ -135,10 +137,14 @@ class Attention(nn.Module):
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # BxNxC -> BxheadsxNxd
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = attention(
+        """q (B or 1, Nq, C), k and v (B or 1, Nk, C): a batch of 1 is shared by all B."""
+        q, k, v = (
             self._heads(self.q_proj(q)),
             self._heads(self.k_proj(k)),
             self._heads(self.v_proj(v)),
-            backend=self.backend,
         )
+        batch = max(q.shape[0], k.shape[0])
+        # projections of a shared input are computed once and broadcast (views, no copies)
+        q, k, v = (t.expand(batch, -1, -1, -1) for t in (q, k, v))
+        out = attention(q, k, v, backend=self.backend)
         return self.out_proj(out.transpose(1, 2).flatten(2))  # BxheadsxNxd -> BxNxC
