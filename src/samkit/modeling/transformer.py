@@ -144,7 +144,10 @@ class Attention(nn.Module):
             self._heads(self.v_proj(v)),
         )
         batch = max(q.shape[0], k.shape[0])
-        # projections of a shared input are computed once and broadcast (views, no copies)
+        # projections of a shared input are computed once and broadcast; on CUDA as a copy, which
+        # costs far less than the projection and suits every fused kernel (no zero batch stride)
         q, k, v = (t.expand(batch, -1, -1, -1) for t in (q, k, v))
+        if q.is_cuda:
+            q, k, v = (t.contiguous() if t.stride(0) == 0 else t for t in (q, k, v))
         out = attention(q, k, v, backend=self.backend)
         return self.out_proj(out.transpose(1, 2).flatten(2))  # BxheadsxNxd -> BxNxC
