@@ -8,11 +8,24 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from samkit.config import ImageEncoderConfig, MaskDecoderConfig, PromptEncoderConfig, SamConfig
 from samkit.keys import hf_config, official_to_hf
 from samkit.modeling import Sam
+
+# parametrize over these to run a test on the CPU and, where there is one, on CUDA
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+        ],
+    ),
+]
 
 # A small model that still has everything: windows that need padding (a 10x10 map in 4x4
 # windows -> 12x12), a global block, 2 encoder heads, narrow prompt width. The decoder keeps

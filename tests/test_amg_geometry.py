@@ -27,16 +27,7 @@ from samkit.amg.geometry import (
     uncrop_points,
 )
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-        ],
-    ),
-]
+from reference import DEVICES
 
 
 def test_point_grid_n2() -> None:

@@ -22,16 +22,7 @@ from samkit.amg.masks import (
 )
 from samkit.amg.postprocess import remove_small_regions
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-        ],
-    ),
-]
+from reference import DEVICES
 
 
 def _special_masks(h: int = 5, w: int = 7) -> np.ndarray:

@@ -30,6 +30,7 @@ from samkit.config import (
     SamConfig,
     variant_name,
 )
+from samkit.io import write_atomic
 from samkit.keys import hf_config, hf_to_official, official_to_hf
 
 CheckpointFormat = Literal["official", "hf", "samkit"]
@@ -291,7 +292,8 @@ def save_checkpoint(
             save_file(official_to_hf(tensors), tmp, metadata={"format": "pt"})
             config = config or infer_config(tensors, path)
             # beside the weights, so that transformers' SamModel.from_pretrained opens the folder
-            write_json_atomic(path.parent / "config.json", hf_config(config))
+            config_json = json.dumps(hf_config(config), indent=2) + "\n"
+            write_atomic(path.parent / "config.json", config_json)
         else:
             config = config or infer_config(tensors, path)
             metadata = {"format": SAMKIT_FORMAT_TAG, "config": json.dumps(config.to_dict())}
@@ -301,12 +303,6 @@ def save_checkpoint(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
-
-
-def write_json_atomic(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def convert_checkpoint(
