@@ -47,6 +47,11 @@ def encoder_factories(args, device, model_type) -> list[Callable]:
     bf16 = torch.bfloat16
     factories = [lambda sd, mt: impl.samkit_encoder(sd, mt, device)]
     if cuda:
+        factories += [lambda sd, mt: impl.samkit_fast_encoder(sd, mt, device)]
+        for ablation in args.ablations:
+            key, _, value = ablation.partition("=")
+            change = {key: value if value not in ("True", "False") else value == "True"}
+            factories.append(lambda sd, mt, c=change: impl.samkit_fast_encoder(sd, mt, device, **c))
         factories += [
             lambda sd, mt: impl.samkit_encoder(sd, mt, device, dtype=bf16, backend="sdpa"),
             lambda sd, mt: impl.samkit_encoder(sd, mt, device, dtype=bf16, backend="fused"),
@@ -184,6 +189,12 @@ def main(argv=None) -> int:
         type=lambda s: [m for m in s.split(",") if m],
     )
     parser.add_argument("--fast-backends", default="fused", type=lambda s: s.split(","))
+    parser.add_argument(
+        "--ablations",
+        default=[],
+        type=lambda s: s.split(","),
+        help="extra samkit fast rows with one SpeedPlan field changed, e.g. gelu_epilogue=False",
+    )
     parser.add_argument("--no-others", action="store_true", help="samkit only")
     parser.add_argument("--latency", action="store_true", help="also time set_image and a prompt")
     parser.add_argument("--latency-only", action="store_true", help="only the latency table")

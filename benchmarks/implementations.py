@@ -70,6 +70,26 @@ def samkit_encoder(
     return Encoder(name, run, model)
 
 
+def samkit_fast_encoder(state_dict, model_type, device, **plan_changes) -> Encoder:
+    """The encoder exactly as `SamPredictor(fast=True)` runs it (samkit.fast.fast_plan), with
+    optional SpeedPlan fields changed for ablations."""
+    from dataclasses import replace
+
+    from samkit.fast import Accelerated, fast_plan
+
+    model = build_sam(config_for(model_type), device=device)
+    model.load_state_dict(state_dict)
+    plan = replace(fast_plan(model.device), **plan_changes)
+    accelerated = Accelerated(model, plan)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return accelerated.encode(x)
+
+    changes = ", ".join(f"{k}={v}" for k, v in plan_changes.items())
+    return Encoder("samkit fast" + (f" ({changes})" if changes else ""), run, model)
+
+
 def official_available(model_type: str) -> bool:
     return model_type != "tiny" and importlib.util.find_spec("segment_anything") is not None
 

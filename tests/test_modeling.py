@@ -9,9 +9,9 @@ from samkit.build import expected_state_dict
 from samkit.config import VARIANTS
 from samkit.modeling import Sam
 from samkit.modeling.attention import attention
-from samkit.modeling.image_encoder import window_partition, window_unpartition
+from samkit.modeling.image_encoder import Block, window_partition, window_unpartition
 
-from reference import TINY, assert_close_scaled, random_sam
+from reference import TINY, assert_close_scaled, perturb_, random_sam
 
 # parameter and tensor counts of the official checkpoints (shared/sam-reference.md section 1)
 OFFICIAL_SIZES = {
@@ -218,6 +218,41 @@ def test_cuda_relpos_kernel_matches_reference_path(size, dim):
     print(f"relpos kernel {size} d={dim}: max abs err {err:.3g}")
     # flash-style rounding: probabilities cast to bf16 before P.V (8-bit mantissa): 1e-2
     assert_close_scaled(out.float(), expected.float(), rel=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    ("size", "window", "dim", "heads"),
+    [
+        ((64, 64), 14, 1280, 16),
+        ((64, 64), 14, 768, 12),
+        ((20, 23), 7, 128, 2),
+        ((16, 16), 16, 64, 1),
+    ],
+)
+def test_cuda_window_kernel_matches_partition_path(size, window, dim, heads):
+    """The in-kernel windowing (keys of the padding = the qkv biases) against pad + partition."""
+
+    block = Block(
+        dim=dim, num_heads=heads, mlp_ratio=4.0, qkv_bias=True, use_rel_pos=True,
+        window_size=window, grid_size=size[0],
+    )  # fmt: skip
+    perturb_(block, seed=5)
+    block = block.cuda().bfloat16()
+    x = torch.randn(2, *size, dim, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        xn = block.norm1(x)
+        block.attn.backend = "reference"
+        windows, padded = window_partition(xn, window)
+        expected = window_unpartition(block.attn(windows), window, padded, size)
+        block.attn.backend = "fused"
+        assert block.attn.windows_in_kernel(xn, window)
+        got = block.attn(xn, window)
+    err = (got.float() - expected.float()).abs().max().item()
+    print(f"window kernel {size} w={window} dim={dim}: max abs err {err:.3g}")
+    # bf16 inputs both ways; the kernel rounds probabilities to bf16 before P.V: 1e-2
+    assert_close_scaled(got.float(), expected.float(), rel=1e-2)
 
 
 def test_shared_image_path_equals_per_prompt_copies():

@@ -27,6 +27,7 @@ class SpeedPlan:
     compile_mode: str | None = None  # torch.compile mode for the image encoder; None = eager
     graph_decoder: bool = False  # replay prompt encoder + mask decoder as a CUDA graph
     resize_on_device: bool = False  # resize/normalise on the device instead of with PIL
+    gelu_epilogue: bool = False  # encoder MLP GELU (tanh approximation) in the GEMM epilogue
 
 
 REFERENCE = SpeedPlan()
@@ -42,6 +43,7 @@ def fast_plan(device: torch.device) -> SpeedPlan:
             compile_mode="default",  # max-autotune: +~5-9%, but minutes of autotuning
             graph_decoder=True,
             resize_on_device=True,
+            gelu_epilogue=True,
         )
     return CPU_PLAN
 
@@ -64,6 +66,8 @@ class Accelerated:
         self.plan = plan or fast_plan(model.device)
         model.set_attention_backend(self.plan.attention)
         model.image_encoder.to(self.plan.dtype)  # prompts and masks stay in fp32
+        for block in model.image_encoder.blocks:
+            block.gelu_epilogue = self.plan.gelu_epilogue
         if model.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the best conv
         self._encoder = model.image_encoder

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from samkit.kernels.relpos_window import split_head_dim
+
 try:
     import triton
     import triton.language as tl
@@ -50,22 +52,24 @@ if triton is not None:
         stride_qz, stride_qn, stride_kz, stride_kn, stride_vz, stride_vn,
         stride_hz, stride_hn, stride_wz, stride_wn, stride_oz, stride_on,
         N, KH, sm_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr,
+        HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, KW: tl.constexpr,
+        BLOCK_M: tl.constexpr,
     ):  # fmt: skip
         start_m = tl.program_id(0)
         z = tl.program_id(1).to(tl.int64)  # batch x head
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, KW)
-        offs_d = tl.arange(0, BLOCK_D)
+        # the head dim as D1 + D2 channels (80 = 64 + 16): no padding to a power of two
+        offs_d1 = tl.arange(0, D1)
+        offs_d2 = D1 + tl.arange(0, D2 if D2 > 0 else 16)
+        d1_ok = offs_d1 < HEAD_DIM
+        d2_ok = offs_d2 < HEAD_DIM
         m_ok = offs_m < N
-        d_ok = offs_d < HEAD_DIM
         log2e: tl.constexpr = 1.4426950408889634
 
-        q = tl.load(
-            Q + z * stride_qz + offs_m[:, None] * stride_qn + offs_d[None, :],
-            mask=m_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        q_ptr = Q + z * stride_qz + offs_m[:, None] * stride_qn
+        q1 = tl.load(q_ptr + offs_d1[None, :], mask=m_ok[:, None] & d1_ok[None, :], other=0.0)
+        q2 = tl.load(q_ptr + offs_d2[None, :], mask=m_ok[:, None] & d2_ok[None, :], other=0.0)
         # the column term: the same for every key row
         rw = tl.load(
             RW + z * stride_wz + offs_m[:, None] * stride_wn + offs_n[None, :],
@@ -74,31 +78,48 @@ if triton is not None:
         ).to(tl.float32)
         rw = rw * log2e
         rh_ptr = RH + z * stride_hz + offs_m * stride_hn
-        k_ptr = K + z * stride_kz + offs_n[None, :] * stride_kn + offs_d[:, None]
-        v_ptr = V + z * stride_vz + offs_n[:, None] * stride_vn + offs_d[None, :]
+        k_ptr = K + z * stride_kz + offs_n[None, :] * stride_kn
+        v_ptr = V + z * stride_vz + offs_n[:, None] * stride_vn
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        acc1 = tl.zeros([BLOCK_M, D1], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, D2 if D2 > 0 else 16], tl.float32)
         qk_scale = sm_scale * log2e
         for row in range(0, KH):  # one key row per block
-            k = tl.load(k_ptr + row * KW * stride_kn, mask=d_ok[:, None], other=0.0)
-            s = tl.dot(q, k) * qk_scale
+            row_k = k_ptr + row * KW * stride_kn
+            k1 = tl.load(row_k + offs_d1[:, None], mask=d1_ok[:, None], other=0.0)
+            s = tl.dot(q1, k1)
+            if D2 > 0:
+                k2 = tl.load(row_k + offs_d2[:, None], mask=d2_ok[:, None], other=0.0)
+                s = tl.dot(q2, k2, s)
+            s = s * qk_scale
             rh = tl.load(rh_ptr + row, mask=m_ok, other=0.0).to(tl.float32) * log2e
             s = s + rh[:, None] + rw
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + row * KW * stride_vn, mask=d_ok[None, :], other=0.0)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            row_v = v_ptr + row * KW * stride_vn
+            v1 = tl.load(row_v + offs_d1[None, :], mask=d1_ok[None, :], other=0.0)
+            acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None])
+            if D2 > 0:
+                v2 = tl.load(row_v + offs_d2[None, :], mask=d2_ok[None, :], other=0.0)
+                acc2 = tl.dot(p.to(v2.dtype), v2, acc2 * alpha[:, None])
             m_i = m_new
-        acc = acc / l_i[:, None]
+        o_ptr = Out + z * stride_oz + offs_m[:, None] * stride_on
+        inv = 1.0 / l_i
         tl.store(
-            Out + z * stride_oz + offs_m[:, None] * stride_on + offs_d[None, :],
-            acc.to(Out.dtype.element_ty),
-            mask=m_ok[:, None] & d_ok[None, :],
+            o_ptr + offs_d1[None, :],
+            (acc1 * inv[:, None]).to(Out.dtype.element_ty),
+            mask=m_ok[:, None] & d1_ok[None, :],
         )
+        if D2 > 0:
+            tl.store(
+                o_ptr + offs_d2[None, :],
+                (acc2 * inv[:, None]).to(Out.dtype.element_ty),
+                mask=m_ok[:, None] & d2_ok[None, :],
+            )
 
 
 @torch.library.custom_op("samkit::relpos_flash_attention", mutates_args=())
@@ -115,7 +136,7 @@ def relpos_flash_attention(
     rel_h = rel_h.contiguous().view(b * h, n, kh)
     rel_w = rel_w.contiguous().view(b * h, n, kw)
     out = torch.empty_like(q)
-    block_d = max(16, triton.next_power_of_2(d))
+    d1, d2 = split_head_dim(d)
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]), b * h)
@@ -126,7 +147,7 @@ def relpos_flash_attention(
         rel_h.stride(0), rel_h.stride(1), rel_w.stride(0), rel_w.stride(1),
         out.stride(0), out.stride(1),
         n, kh, d**-0.5,
-        HEAD_DIM=d, BLOCK_D=block_d, KW=kw,
+        HEAD_DIM=d, D1=d1, D2=d2, KW=kw,
     )  # fmt: skip
     return out.view(b, h, n, d)
 
