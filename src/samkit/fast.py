@@ -40,7 +40,9 @@ def fast_plan(device: torch.device) -> SpeedPlan:
         return SpeedPlan(
             dtype=torch.bfloat16 if major >= 8 else torch.float16,
             attention="fused",
-            compile_mode="default",  # max-autotune: +~5-9%, but minutes of autotuning
+            # CUDA graphs: vit_b batch 1 157 -> 300 img/s on an H100 (launch gaps gone), batch 8
+            # unchanged; max-autotune: +~5-9%, but minutes of autotuning
+            compile_mode="reduce-overhead",
             graph_decoder=True,
             resize_on_device=True,
             gelu_epilogue=True,

@@ -31,6 +31,8 @@ except ImportError:  # CPU-only installs
 MAX_WINDOW = 16
 # launch configuration override (query slots per program, warps), for tuning; None: measured
 CONFIG: tuple[int, int] | None = None
+# the head dim as two power-of-two tiles (80 = 64 + 16) rather than one padded tile (128)
+SPLIT_HEAD_DIM = True
 
 
 def supported(x: torch.Tensor, window: int, head_dim: int) -> bool:
@@ -53,7 +55,7 @@ if triton is not None:
         s_qb, s_qy, s_qx, s_ab, s_ay, s_ax, s_ah, s_ob, s_oy, s_ox,
         H, W, N_WIN_H, N_WIN_W, C, sm_scale,
         WIN: tl.constexpr, SLOT: tl.constexpr, ROWS: tl.constexpr, TABLE: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     ):  # fmt: skip
         BLOCK_M: tl.constexpr = ROWS * SLOT
         KEYS: tl.constexpr = SLOT * SLOT
@@ -65,8 +67,11 @@ if triton is not None:
         wy = (win // N_WIN_W) % N_WIN_H
         wx = win % N_WIN_W
 
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < HEAD_DIM
+        # the head dim as D1 + D2 channels (80 = 64 + 16): no padding to a power of two
+        offs_d1 = tl.arange(0, D1)
+        offs_d2 = D1 + tl.arange(0, D2 if D2 > 0 else 16)
+        d1_ok = offs_d1 < HEAD_DIM
+        d2_ok = offs_d2 < HEAD_DIM
         # query slot m is window row qr, column qc (slots past the window are masked)
         offs_m = tl.arange(0, BLOCK_M)
         qr = row_block * ROWS + offs_m // SLOT
@@ -84,51 +89,62 @@ if triton is not None:
         k_in = k_ok & (ky < H) & (kx < W)  # else: padding, whose projections are the biases
 
         base = QKV + b * s_qb + head * HEAD_DIM
-        q = tl.load(
-            base + qy[:, None] * s_qy + qx[:, None] * s_qx + offs_d[None, :],
-            mask=q_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        k = tl.load(
-            base + C + ky[None, :] * s_qy + kx[None, :] * s_qx + offs_d[:, None],
-            mask=k_in[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        bias_k = tl.load(BK + head * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
-        k = tl.where(k_in[None, :], k, bias_k[:, None].to(k.dtype))
-        s = tl.dot(q, k) * (sm_scale * log2e)
+        q_ptr = base + qy[:, None] * s_qy + qx[:, None] * s_qx
+        k_ptr = base + C + ky[None, :] * s_qy + kx[None, :] * s_qx
+        q1 = tl.load(q_ptr + offs_d1[None, :], mask=q_ok[:, None] & d1_ok[None, :], other=0.0)
+        k1 = tl.load(k_ptr + offs_d1[:, None], mask=k_in[None, :] & d1_ok[:, None], other=0.0)
+        bias_k1 = tl.load(BK + head * HEAD_DIM + offs_d1, mask=d1_ok, other=0.0)
+        k1 = tl.where(k_in[None, :], k1, bias_k1[:, None].to(k1.dtype))
+        s = tl.dot(q1, k1)
+        if D2 > 0:
+            q2 = tl.load(q_ptr + offs_d2[None, :], mask=q_ok[:, None] & d2_ok[None, :], other=0.0)
+            k2 = tl.load(k_ptr + offs_d2[:, None], mask=k_in[None, :] & d2_ok[:, None], other=0.0)
+            bias_k2 = tl.load(BK + head * HEAD_DIM + offs_d2, mask=d2_ok, other=0.0)
+            k2 = tl.where(k_in[None, :], k2, bias_k2[:, None].to(k2.dtype))
+            s = tl.dot(q2, k2, s)
+        s = s * sm_scale
 
         # rel-pos: table entry r of query m is q_m . R[r], h terms first, then w terms. The
-        # bias of key (kr, kc) is rel_h[m, kr] + rel_w[m, kc]: gather SLOT of each, broadcast
+        # bias of key (kr, kc) is rel_h[m, kr] + rel_w[m, kc]: gather SLOT of each, then
+        # spread them over the key slots with two exact one-hot products (one term each)
         a_ptr = A + b * s_ab + qy * s_ay + qx * s_ax + head * s_ah
         offs_s = tl.arange(0, SLOT)
         both = q_ok[:, None] & (offs_s < WIN)[None, :]
         rel_h = tl.load(
             a_ptr[:, None] + (qr[:, None] - offs_s[None, :] + WIN - 1), mask=both, other=0.0
-        ).to(tl.float32)
+        )
         rel_w = tl.load(
             a_ptr[:, None] + TABLE + (qc[:, None] - offs_s[None, :] + WIN - 1), mask=both, other=0.0
-        ).to(tl.float32)
-        bias = tl.reshape(rel_h[:, :, None] + rel_w[:, None, :], (BLOCK_M, KEYS))
-        s += bias * log2e
-        s = tl.where(k_ok[None, :], s, float("-inf"))
+        )
+        row_of_key = (offs_s[:, None] == kr[None, :]).to(rel_h.dtype)  # SLOT x KEYS
+        col_of_key = (offs_s[:, None] == kc[None, :]).to(rel_w.dtype)
+        s = tl.dot(rel_h, row_of_key, s)
+        s = tl.dot(rel_w, col_of_key, s)
+        s = tl.where(k_ok[None, :], s * log2e, float("-inf"))
 
         p = tl.exp2(s - tl.max(s, 1)[:, None])
-        denom = tl.sum(p, 1)
-        v = tl.load(
-            base + 2 * C + ky[:, None] * s_qy + kx[:, None] * s_qx + offs_d[None, :],
-            mask=k_in[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        bias_v = tl.load(BV + head * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
-        v = tl.where(k_in[:, None], v, bias_v[None, :].to(v.dtype))
-        out = tl.dot(p.to(v.dtype), v) / denom[:, None]
+        inv = 1.0 / tl.sum(p, 1)
+        v_ptr = base + 2 * C + ky[:, None] * s_qy + kx[:, None] * s_qx
+        o_ptr = Out + b * s_ob + qy[:, None] * s_oy + qx[:, None] * s_ox + head * HEAD_DIM
+        v1 = tl.load(v_ptr + offs_d1[None, :], mask=k_in[:, None] & d1_ok[None, :], other=0.0)
+        bias_v1 = tl.load(BV + head * HEAD_DIM + offs_d1, mask=d1_ok, other=0.0)
+        v1 = tl.where(k_in[:, None], v1, bias_v1[None, :].to(v1.dtype))
+        out1 = tl.dot(p.to(v1.dtype), v1) * inv[:, None]
         tl.store(
-            Out + b * s_ob + qy[:, None] * s_oy + qx[:, None] * s_ox + head * HEAD_DIM
-            + offs_d[None, :],
-            out.to(Out.dtype.element_ty),
-            mask=q_ok[:, None] & d_ok[None, :],
-        )  # fmt: skip
+            o_ptr + offs_d1[None, :],
+            out1.to(Out.dtype.element_ty),
+            mask=q_ok[:, None] & d1_ok[None, :],
+        )
+        if D2 > 0:
+            v2 = tl.load(v_ptr + offs_d2[None, :], mask=k_in[:, None] & d2_ok[None, :], other=0.0)
+            bias_v2 = tl.load(BV + head * HEAD_DIM + offs_d2, mask=d2_ok, other=0.0)
+            v2 = tl.where(k_in[:, None], v2, bias_v2[None, :].to(v2.dtype))
+            out2 = tl.dot(p.to(v2.dtype), v2) * inv[:, None]
+            tl.store(
+                o_ptr + offs_d2[None, :],
+                out2.to(Out.dtype.element_ty),
+                mask=q_ok[:, None] & d2_ok[None, :],
+            )
 
 
 def split_head_dim(d: int) -> tuple[int, int]:
@@ -193,6 +209,7 @@ def relpos_window_attention(
     query_slots, warps = CONFIG or launch_config(d)
     row_count = max(1, query_slots // slot)  # window rows per program
     n_win_h, n_win_w = triton.cdiv(h, window), triton.cdiv(w, window)
+    d1, d2 = split_head_dim(d) if SPLIT_HEAD_DIM else (max(16, triton.next_power_of_2(d)), 0)
     grid = (triton.cdiv(window, row_count), b * n_win_h * n_win_w, num_heads)
     _window_fwd[grid](
         qkv, table, bias_k.to(qkv.dtype).contiguous(), bias_v.to(qkv.dtype).contiguous(), out,
@@ -201,7 +218,7 @@ def relpos_window_attention(
         out.stride(0), out.stride(1), out.stride(2),
         h, w, n_win_h, n_win_w, c, d**-0.5,
         WIN=window, SLOT=slot, ROWS=row_count, TABLE=rows,
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        HEAD_DIM=d, D1=d1, D2=d2,
         num_warps=warps, num_stages=1,
     )  # fmt: skip
     return out
