@@ -1,9 +1,12 @@
 """A Triton flash-attention forward with SAM's decomposed relative-position bias in the kernel.
 
 For a key map of kh x kw tokens (kw a power of two, 16..128) each key block is one key row, so
-the bias of a (query block, key block) tile is one column of rel_h (the row term, the same for
-the whole block) plus the query block's rel_w tile (the column term, the same for every key
-block, loaded once). No N x N bias is formed and the head dimension is not widened.
+the bias of a (query block, key block) tile is one row term per query (the same for the whole
+block) plus the query block's column-term tile (the same for every key block, loaded once).
+Both come from a small per-query table ``q . R[r]`` over every row r of the two rel-pos tables
+(one matmul), gathered in the kernel: no N x N bias, no widened head dim, no gather pass. q, k
+and v are read with their own strides (views of the qkv projection need no copies) and the
+output is laid out so that merging the heads is a view.
 
 Inference only (no backward). Used by the "fused" attention path on CUDA when Triton is there;
 registered as a torch custom op so torch.compile treats it as one opaque kernel.
@@ -13,7 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from samkit.kernels.relpos_window import split_head_dim
+from samkit.kernels.relpos_window import rel_pos_table, split_head_dim
+
+# the head dim as two power-of-two tiles (80 = 64 + 16) rather than one padded tile (128): off,
+# since the 16-wide tile miscompiled in some launch configurations of the window kernel
+SPLIT_HEAD_DIM = False
 
 try:
     import triton
@@ -44,22 +51,23 @@ if triton is not None:
             for w in (4, 8)
             for s in (2, 3)
         ],
-        key=["N", "HEAD_DIM", "KW"],
+        key=["N", "HEAD_DIM", "KW", "KH"],
     )
     @triton.jit
     def _fwd(
-        Q, K, V, RH, RW, Out,
-        stride_qz, stride_qn, stride_kz, stride_kn, stride_vz, stride_vn,
-        stride_hz, stride_hn, stride_wz, stride_wn, stride_oz, stride_on,
-        N, KH, sm_scale,
-        HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, KW: tl.constexpr,
-        BLOCK_M: tl.constexpr,
+        Q, K, V, T, Out,
+        s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_tb, s_th, s_tn, s_ob, s_oh, s_on,
+        HEADS, N, sm_scale,
+        KH: tl.constexpr, KW: tl.constexpr, TABLE: tl.constexpr,
+        HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK_M: tl.constexpr,
     ):  # fmt: skip
         start_m = tl.program_id(0)
-        z = tl.program_id(1).to(tl.int64)  # batch x head
+        z = tl.program_id(1)
+        b = (z // HEADS).to(tl.int64)
+        head = (z % HEADS).to(tl.int64)
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, KW)
-        # the head dim as D1 + D2 channels (80 = 64 + 16): no padding to a power of two
+        # the head dim as D1 + D2 channels (80 = 64 + 16) or one padded tile (D2 = 0)
         offs_d1 = tl.arange(0, D1)
         offs_d2 = D1 + tl.arange(0, D2 if D2 > 0 else 16)
         d1_ok = offs_d1 < HEAD_DIM
@@ -67,19 +75,22 @@ if triton is not None:
         m_ok = offs_m < N
         log2e: tl.constexpr = 1.4426950408889634
 
-        q_ptr = Q + z * stride_qz + offs_m[:, None] * stride_qn
+        q_ptr = Q + b * s_qb + head * s_qh + offs_m[:, None] * s_qn
         q1 = tl.load(q_ptr + offs_d1[None, :], mask=m_ok[:, None] & d1_ok[None, :], other=0.0)
         q2 = tl.load(q_ptr + offs_d2[None, :], mask=m_ok[:, None] & d2_ok[None, :], other=0.0)
-        # the column term: the same for every key row
+        # rel-pos: table entry r of query m is q_m . R[r] (h rows first, w rows from TABLE)
+        t_ptr = T + b * s_tb + head * s_th + offs_m * s_tn
+        qh = offs_m // KW
+        qw = offs_m % KW
+        # the column term of key column kw, the same for every key row: loaded once
         rw = tl.load(
-            RW + z * stride_wz + offs_m[:, None] * stride_wn + offs_n[None, :],
+            t_ptr[:, None] + TABLE + (qw[:, None] - offs_n[None, :] + KW - 1),
             mask=m_ok[:, None],
             other=0.0,
         ).to(tl.float32)
         rw = rw * log2e
-        rh_ptr = RH + z * stride_hz + offs_m * stride_hn
-        k_ptr = K + z * stride_kz + offs_n[None, :] * stride_kn
-        v_ptr = V + z * stride_vz + offs_n[:, None] * stride_vn
+        k_ptr = K + b * s_kb + head * s_kh + offs_n[None, :] * s_kn
+        v_ptr = V + b * s_vb + head * s_vh + offs_n[:, None] * s_vn
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -87,27 +98,27 @@ if triton is not None:
         acc2 = tl.zeros([BLOCK_M, D2 if D2 > 0 else 16], tl.float32)
         qk_scale = sm_scale * log2e
         for row in range(0, KH):  # one key row per block
-            row_k = k_ptr + row * KW * stride_kn
+            row_k = k_ptr + row * KW * s_kn
             k1 = tl.load(row_k + offs_d1[:, None], mask=d1_ok[:, None], other=0.0)
             s = tl.dot(q1, k1)
             if D2 > 0:
                 k2 = tl.load(row_k + offs_d2[:, None], mask=d2_ok[:, None], other=0.0)
                 s = tl.dot(q2, k2, s)
             s = s * qk_scale
-            rh = tl.load(rh_ptr + row, mask=m_ok, other=0.0).to(tl.float32) * log2e
-            s = s + rh[:, None] + rw
+            rh = tl.load(t_ptr + (qh - row + KH - 1), mask=m_ok, other=0.0).to(tl.float32)
+            s = s + rh[:, None] * log2e + rw
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            row_v = v_ptr + row * KW * stride_vn
+            row_v = v_ptr + row * KW * s_vn
             v1 = tl.load(row_v + offs_d1[None, :], mask=d1_ok[None, :], other=0.0)
             acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None])
             if D2 > 0:
                 v2 = tl.load(row_v + offs_d2[None, :], mask=d2_ok[None, :], other=0.0)
                 acc2 = tl.dot(p.to(v2.dtype), v2, acc2 * alpha[:, None])
             m_i = m_new
-        o_ptr = Out + z * stride_oz + offs_m[:, None] * stride_on
+        o_ptr = Out + b * s_ob + head * s_oh + offs_m[:, None] * s_on
         inv = 1.0 / l_i
         tl.store(
             o_ptr + offs_d1[None, :],
@@ -124,34 +135,39 @@ if triton is not None:
 
 @torch.library.custom_op("samkit::relpos_flash_attention", mutates_args=())
 def relpos_flash_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
 ) -> torch.Tensor:
-    """softmax(q.k/sqrt(d) + rel_h[.., kh] + rel_w[.., kw]) v.
+    """softmax(q.k/sqrt(d) + q.Rh[qh - kh] + q.Rw[qw - kw]) v over a kh x kw key map.
 
-    q, k, v: (B, heads, N, d) with N = kh * kw; rel_h: (B, heads, N, kh); rel_w: (B, heads, N, kw).
+    q, k, v: (B, heads, N, d) with N = kh * kw, any strides with a unit last stride (e.g. views
+    of one qkv projection); rel_pos_h (2kh - 1, d), rel_pos_w (2kw - 1, d). Returns
+    (B, heads, N, d) laid out as (B, N, heads, d), so merging the heads is a view.
     """
     b, h, n, d = q.shape
-    kh, kw = rel_h.shape[-1], rel_w.shape[-1]
-    q, k, v = (t.contiguous().view(b * h, n, d) for t in (q, k, v))
-    rel_h = rel_h.contiguous().view(b * h, n, kh)
-    rel_w = rel_w.contiguous().view(b * h, n, kw)
-    out = torch.empty_like(q)
-    d1, d2 = split_head_dim(d)
+    kh, kw = (rel_pos_h.shape[0] + 1) // 2, (rel_pos_w.shape[0] + 1) // 2
+    rows = triton.next_power_of_2(max(rel_pos_h.shape[0], rel_pos_w.shape[0]))
+    table = rel_pos_table(q, rel_pos_h, rel_pos_w, rows)  # B x heads x N x 2R, contiguous
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = q.new_empty(b, n, h, d).transpose(1, 2)
+    d1, d2 = split_head_dim(d) if SPLIT_HEAD_DIM else (max(16, triton.next_power_of_2(d)), 0)
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]), b * h)
 
     _fwd[grid](
-        q, k, v, rel_h, rel_w, out,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        rel_h.stride(0), rel_h.stride(1), rel_w.stride(0), rel_w.stride(1),
-        out.stride(0), out.stride(1),
-        n, kh, d**-0.5,
-        HEAD_DIM=d, D1=d1, D2=d2, KW=kw,
+        q, k, v, table, out,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *table.stride()[:3], *out.stride()[:3],
+        h, n, d**-0.5,
+        KH=kh, KW=kw, TABLE=rows, HEAD_DIM=d, D1=d1, D2=d2,
     )  # fmt: skip
-    return out.view(b, h, n, d)
+    return out
 
 
 @relpos_flash_attention.register_fake
-def _(q, k, v, rel_h, rel_w):
-    return q.new_empty(q.shape)  # contiguous, like the real output
+def _(q, k, v, rel_pos_h, rel_pos_w):
+    b, h, n, d = q.shape
+    return q.new_empty(b, n, h, d).transpose(1, 2)

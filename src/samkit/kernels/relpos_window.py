@@ -31,8 +31,9 @@ except ImportError:  # CPU-only installs
 MAX_WINDOW = 16
 # launch configuration override (query slots per program, warps), for tuning; None: measured
 CONFIG: tuple[int, int] | None = None
-# the head dim as two power-of-two tiles (80 = 64 + 16) rather than one padded tile (128)
-SPLIT_HEAD_DIM = True
+# the head dim as two power-of-two tiles (80 = 64 + 16) rather than one padded tile (128): off,
+# since Triton 3.6 miscompiled the 16-wide tile on an H100 in some launch configurations
+SPLIT_HEAD_DIM = False
 
 
 def supported(x: torch.Tensor, window: int, head_dim: int) -> bool:
@@ -41,7 +42,7 @@ def supported(x: torch.Tensor, window: int, head_dim: int) -> bool:
         triton is not None
         and x.is_cuda
         and x.dtype in (torch.float16, torch.bfloat16)
-        and 2 <= window <= MAX_WINDOW
+        and 1 <= window <= MAX_WINDOW
         and head_dim <= 128
         and not torch.is_grad_enabled()
     )
@@ -163,7 +164,7 @@ def split_head_dim(d: int) -> tuple[int, int]:
 def launch_config(head_dim: int) -> tuple[int, int]:
     """(query slots per program, warps): the fastest measured on an H100 for 14x14 windows
     (benchmarks/README.md)."""
-    return (128, 8) if head_dim <= 64 else (64, 8)
+    return 128, 8
 
 
 def _table_rows(window: int) -> int:
@@ -205,7 +206,7 @@ def relpos_window_attention(
     q = qkv[..., :c].unflatten(-1, (num_heads, d))  # BxHxWxheadsxd
     table = rel_pos_table(q, rel_pos_h, rel_pos_w, rows).contiguous()  # BxHxWxheadsx2R
     out = qkv.new_empty(b, h, w, c)
-    slot = triton.next_power_of_2(window)
+    slot = max(16, triton.next_power_of_2(window))  # tl.dot needs 16 along the one-hot side
     query_slots, warps = CONFIG or launch_config(d)
     row_count = max(1, query_slots // slot)  # window rows per program
     n_win_h, n_win_w = triton.cdiv(h, window), triton.cdiv(w, window)

@@ -135,11 +135,14 @@ def attention(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
-    rel = None
-    if rel_pos is not None:
-        if size is None:
-            raise ValueError("size=(h, w) is needed with rel_pos")
-        rel = rel_pos_terms(q, rel_pos[0], rel_pos[1], size)
+    if rel_pos is not None and size is None:
+        raise ValueError("size=(h, w) is needed with rel_pos")
+    if backend == "fused" and rel_pos is not None and q.is_cuda:
+        from samkit.kernels import relpos_flash
+
+        if relpos_flash.supported(q, size):
+            return relpos_flash.relpos_flash_attention(q, k, v, rel_pos[0], rel_pos[1])
+    rel = None if rel_pos is None else rel_pos_terms(q, rel_pos[0], rel_pos[1], size)
 
     if backend == "reference":
         scale = q.shape[-1] ** -0.5
@@ -148,13 +151,6 @@ def attention(
             logits = logits + _bias(rel[0].float(), rel[1].float(), size)
         return (logits.softmax(dim=-1) @ v.float()).to(q.dtype)
     if backend == "fused" and rel is not None:
-        if q.is_cuda:
-            from samkit.kernels import relpos_flash
-
-            if relpos_flash.supported(q, size):
-                # fixed (contiguous) layouts: compiled graphs check the op's input strides
-                inputs = (t.contiguous() for t in (q, k, v, rel[0], rel[1]))
-                return relpos_flash.relpos_flash_attention(*inputs)
         return _fused(q, k, v, rel[0], rel[1], size)
     if backend == "flex" and rel is not None:
         return _flex(q, k, v, rel[0], rel[1], size)
