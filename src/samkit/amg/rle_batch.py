@@ -235,7 +235,9 @@ def _decode_device_to_host(rles: RleBatch, block: np.ndarray) -> None:
     a buffer into `block` while the device decodes the next chunk.
     """
     h, w = rles.size
-    per_chunk = max(1, _STAGING_PIXELS // max(1, h * w))
+    per_chunk = min(len(rles), max(1, _STAGING_PIXELS // max(1, h * w)))
+    if per_chunk == 0:
+        return
     target = torch.from_numpy(block)
     if rles.device.type != "cuda":
         row = 0
