@@ -59,7 +59,9 @@ def _pycocotools_string(mask: np.ndarray) -> str:
 
 
 @pytest.mark.parametrize("masks", MASKS, ids=lambda m: "x".join(map(str, m.shape[1:])))
-def test_counts_and_decode_paths_match_references(masks: np.ndarray) -> None:
+def test_counts_and_decode_paths_match_references(
+    masks: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
     batch = RleBatch.encode(torch.from_numpy(masks))
     expected = [_reference_counts(m) for m in masks]
     for counts_of in (rle_batch._counts_host, rle_batch._counts_device):
@@ -68,7 +70,9 @@ def test_counts_and_decode_paths_match_references(masks: np.ndarray) -> None:
         assert [counts[a:b].tolist() for a, b in pairwise(bounds)] == expected
     assert [c.tolist() for c in batch.to_counts()] == expected
     flat = masks.transpose(0, 2, 1).reshape(len(masks), -1)  # column-major pixels
-    np.testing.assert_array_equal(rle_batch._decode_host(batch), flat)
+    for toggle_run in (1, 64, 10**9):  # the host decoder: np.repeat only, mixed, toggles only
+        monkeypatch.setattr(rle_batch, "_TOGGLE_RUN", toggle_run)
+        np.testing.assert_array_equal(rle_batch._decode_host(batch), flat)
     np.testing.assert_array_equal(rle_batch._decode_device(batch).numpy(), flat)
     np.testing.assert_array_equal(batch.decode().numpy(), masks)
 

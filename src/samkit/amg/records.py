@@ -91,8 +91,10 @@ class MaskRecord:
 
     `segmentation` is an HxW bool array (output mode "binary_mask"), an uncompressed RLE dict
     with a `counts` list ("uncompressed_rle", column-major, zeros first) or a COCO RLE dict with
-    `counts` as a str ("coco_rle"). `bbox` and `crop_box` are XYWH; as in the official records,
-    the bbox width and height are x1 - x0 and y1 - y0 of the inclusive pixel box.
+    `counts` as a str ("coco_rle"). Binary masks are F-contiguous, as the official's, and the
+    masks of one `make_records` call are views of one buffer (`.copy()` one to keep it alone).
+    `bbox` and `crop_box` are XYWH; as in the official records, the bbox width and height are
+    x1 - x0 and y1 - y0 of the inclusive pixel box.
     """
 
     segmentation: np.ndarray | dict[str, Any]

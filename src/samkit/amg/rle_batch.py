@@ -3,8 +3,10 @@
 The generator keeps every candidate mask of an image in this form between the model and the
 records: a mask of H*W pixels costs a few bytes per run instead of H*W bytes, so the worst case
 (thousands of masks kept) does not hold thousands of full-resolution masks. Encoding, selecting,
-concatenating and decoding are batched tensor operations; the official uncompressed RLE
-(`{"size": [h, w], "counts": [...]}`) is made on the host at the very end.
+concatenating and decoding are batched tensor operations. At the very end the batch becomes
+the official records' segmentations: binary masks decoded on the device and copied into one
+host block (or `np.repeat`ed on the CPU), uncompressed counts made by tensor ops and copied
+once, and COCO strings written on the device (`coco_rle.coco_strings`; pycocotools on the CPU).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from samkit.amg.masks import coco_encode_rle
 _CHUNK_RUNS = 1 << 24
 # mask pixels decoded at once on a device for host masks (bytes of each pinned staging buffer)
 _STAGING_PIXELS = 1 << 26
+# on the CPU, masks whose mean run is shorter than this decode by toggles, others by np.repeat
+_TOGGLE_RUN = 64
 
 
 @dataclass(frozen=True)
@@ -270,19 +274,32 @@ def _decode_device_to_host(rles: RleBatch, block: np.ndarray) -> None:
 
 
 def _decode_host(rles: RleBatch) -> np.ndarray:
-    """[B, W*H] bool from CPU tensors: `np.repeat` of alternating values by the counts."""
+    """[B, W*H] bool from CPU tensors, mask by mask.
+
+    A noisy mask (mean run under `_TOGGLE_RUN` pixels) is the running parity of toggles at its
+    change positions, a uint8 cumsum (sums wrap, their parity stays exact); any other is
+    `np.repeat` of alternating values by its run lengths, which is faster for long runs.
+    """
     h, w = rles.size
-    out = np.empty((len(rles), h * w), dtype=bool)
-    row = 0
-    for part in rles.chunks(max_runs=_CHUNK_RUNS):
-        counts, bounds = _counts_host(part)
-        # mask i's values alternate False, True, ... from its first count
-        values = np.zeros(int(np.diff(bounds).max()), dtype=bool)
-        values[1::2] = True
-        for a, b in pairwise(bounds):
-            out[row] = np.repeat(values[: b - a], counts[a:b])
-            row += 1
-    return out
+    out = np.empty((len(rles), h * w), dtype=np.uint8)
+    rows = torch.from_numpy(out)
+    toggles = np.empty(h * w, dtype=np.uint8)
+    starts, offsets, first = rles.starts.numpy(), rles.offsets.numpy(), rles.first.numpy()
+    alternating = np.arange(int(np.diff(offsets).max(initial=0)) + 2, dtype=np.uint8) & 1
+    for i in range(len(rles)):
+        cuts = starts[offsets[i] : offsets[i + 1]]
+        if cuts.shape[0] * _TOGGLE_RUN > h * w:
+            toggles.fill(0)
+            toggles[cuts.astype(np.intp)] = 1
+            toggles[0] = first[i]
+            torch.cumsum(torch.from_numpy(toggles), 0, dtype=torch.uint8, out=rows[i])
+            np.bitwise_and(out[i], 1, out=out[i])
+        else:
+            runs = np.diff(cuts, prepend=0, append=h * w)
+            # values alternate from the first pixel's: start the 0, 1, 0, ... pattern at it
+            lead = int(first[i])
+            out[i] = np.repeat(alternating[lead : lead + runs.shape[0]], runs)
+    return out.view(bool)
 
 
 def _counts_device(rles: RleBatch) -> tuple[Tensor, Tensor]:
