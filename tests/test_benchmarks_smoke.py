@@ -21,3 +21,21 @@ def test_amg_benchmark_smoke(tmp_path) -> None:
     report = json.loads(out.read_text())
     assert report["samkit_masks"] == 4 * 4 * 3  # the worst case keeps every mask
     assert report["samkit_s"] > 0 and report["encoder_s"] > 0
+
+
+def test_records_benchmark_smoke(tmp_path) -> None:
+    out = tmp_path / "records.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "records_benchmark.py")]
+    command += ["--device", "cpu", "--masks", "5", "--height", "60", "--width", "90"]
+    command += ["--mean-run", "4", "--runs", "1", "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "| coco_rle |" in result.stdout and "| binary_mask |" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["masks"] == 5 and report["size"] == [60, 90]
+    assert [row["case"] for row in report["rows"]] == [
+        "binary_mask",
+        "uncompressed_rle",
+        "coco_rle",
+    ]
+    assert all(row["median_s"] > 0 and row["cold_s"] > 0 for row in report["rows"])

@@ -14,14 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from samkit.amg.masks import coco_encode_rle, coco_rle_to_mask, rle_to_mask
+from samkit.amg.masks import coco_rle_to_mask, rle_to_mask
 from samkit.amg.rle_batch import RleBatch
 
 OutputMode = Literal["binary_mask", "uncompressed_rle", "coco_rle"]
 OUTPUT_MODES: tuple[str, ...] = ("binary_mask", "uncompressed_rle", "coco_rle")
-
-# decode at most this many mask pixels at once when making binary masks (bytes of scratch)
-_DECODE_PIXELS = 1 << 28
 
 
 @dataclass(frozen=True)
@@ -94,8 +91,10 @@ class MaskRecord:
 
     `segmentation` is an HxW bool array (output mode "binary_mask"), an uncompressed RLE dict
     with a `counts` list ("uncompressed_rle", column-major, zeros first) or a COCO RLE dict with
-    `counts` as a str ("coco_rle"). `bbox` and `crop_box` are XYWH; as in the official records,
-    the bbox width and height are x1 - x0 and y1 - y0 of the inclusive pixel box.
+    `counts` as a str ("coco_rle"). Binary masks are F-contiguous, as the official's, and the
+    masks of one `make_records` call are views of one buffer (`.copy()` one to keep it alone).
+    `bbox` and `crop_box` are XYWH; as in the official records, the bbox width and height are
+    x1 - x0 and y1 - y0 of the inclusive pixel box.
     """
 
     segmentation: np.ndarray | dict[str, Any]
@@ -175,14 +174,9 @@ def make_records(
 def _segmentations(rles: RleBatch, output_mode: OutputMode) -> list[Any]:
     h, w = rles.size
     if output_mode == "binary_mask":
-        chunk = max(1, _DECODE_PIXELS // max(1, h * w))
-        masks: list[np.ndarray] = []
-        for dense in rles.decode_chunks(chunk):
-            masks.extend(dense.contiguous().cpu().numpy())  # one copy per chunk
-        return masks
-    counts = rles.to_counts()
+        return list(rles.to_masks())  # views of one block, each HxW like the official's
     if output_mode == "uncompressed_rle":
-        return [{"size": [h, w], "counts": c.tolist()} for c in counts]
+        return [{"size": [h, w], "counts": c.tolist()} for c in rles.to_counts()]
     if output_mode == "coco_rle":
-        return [coco_encode_rle({"size": [h, w], "counts": c}) for c in counts]
+        return [{"size": [h, w], "counts": s} for s in rles.to_coco_strings()]
     raise ValueError(f"unknown output_mode {output_mode!r}; expected one of {OUTPUT_MODES}")
