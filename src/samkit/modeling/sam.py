@@ -12,9 +12,10 @@ from samkit.config import SamConfig
 from samkit.modeling.attention import BACKENDS, AttentionBackend
 from samkit.modeling.image_encoder import Attention as EncoderAttention
 from samkit.modeling.image_encoder import ImageEncoderViT
-from samkit.modeling.mask_decoder import MaskDecoder
+from samkit.modeling.mask_decoder import DecodedTokens, MaskDecoder
 from samkit.modeling.prompt_encoder import PromptEncoder
 from samkit.modeling.transformer import Attention as DecoderAttention
+from samkit.modeling.transformer import ImageSide
 
 
 class Sam(nn.Module):
@@ -90,6 +91,8 @@ class Sam(nn.Module):
         boxes: torch.Tensor | None = None,
         mask_input: torch.Tensor | None = None,
         multimask_output: bool = True,
+        *,
+        image_side: ImageSide | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks for B prompts on one image embedding (or one embedding per prompt).
 
@@ -98,17 +101,58 @@ class Sam(nn.Module):
             image_embeddings: (1 or B, C, 64, 64).
             point_coords: (B, N, 2) xy; point_labels: (B, N) PointLabel codes.
             boxes: (B, 4) XYXY. mask_input: (B, 1, 256, 256) logits.
+            image_side: `prepare_decode(image_embeddings)`, the image's prompt-independent
+                decoder work, reusable by every prompt without a mask input (ignored with one).
         Returns:
             low-res mask logits (B, 3 or 1, 256, 256), IoU predictions (B, 3 or 1).
         """
+        tokens = self.decode_tokens(
+            image_embeddings,
+            point_coords,
+            point_labels,
+            boxes,
+            mask_input,
+            multimask_output,
+            image_side=image_side,
+        )
+        return self.mask_decoder.decode_masks(tokens), tokens.iou_pred
+
+    def decode_tokens(
+        self,
+        image_embeddings: torch.Tensor,
+        point_coords: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        *,
+        image_side: ImageSide | None = None,
+    ) -> DecodedTokens:
+        """`decode` up to the IoU predictions: `mask_decoder.decode_masks(result, prompts)` then
+        gives the masks of all prompts or only of those kept (same values as `decode`)."""
         points = None if point_coords is None else (point_coords, point_labels)
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        return self.mask_decoder(
-            image_embeddings=image_embeddings,
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
+        if mask_input is not None or not self.mask_decoder.factored:
+            image_side = None
+        # the dense positional encoding is part of a prepared image side
+        image_pe = None if image_side is not None else self.prompt_encoder.get_dense_pe()
+        return self.mask_decoder.decode_tokens(
+            image_embeddings,
+            image_pe,
+            sparse,
+            dense,
+            multimask_output,
+            image_side=image_side,
+        )
+
+    def prepare_decode(self, image_embeddings: torch.Tensor) -> ImageSide:
+        """The decoder's prompt-independent work on one image embedding (1, C, 64, 64), for
+        `decode(..., image_side=...)`: compute it once per image (the predictor caches it)."""
+        if image_embeddings.shape[0] != 1:
+            raise ValueError(f"expected one image embedding, got {image_embeddings.shape[0]}")
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        return self.mask_decoder.prepare_image(
+            image_embeddings, self.prompt_encoder.get_dense_pe(), dense
         )
 
     def forward(

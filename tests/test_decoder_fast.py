@@ -1,0 +1,158 @@
+"""The decoder's fast formulations against the plain modules that define the model.
+
+`MaskDecoder.factored` (the two-way transformer's image side factored through the prompt
+tokens) and `MaskDecoder.gemm_upscaling` (transposed convs as matmuls) only reassociate fp32
+sums. Tolerance: 1e-5 of the output's scale. A reassociated sum of K terms of size ~s differs
+by a few ulps of s times sqrt(K) at most in practice (fp32 ulp 1.2e-7, K <= 4096 here: ~1e-6
+observed, ~5e-7 typical); 1e-5 leaves margin while any algebra slip (a dropped bias, a wrong
+head order, a softmax over the wrong axis) changes the outputs at the 1e-1 level.
+
+The TINY model's decoder is too narrow for the factored form to pay (8 heads x 7 tokens > 16
+internal dims) so it mostly falls back to the modules; WIDE has SAM's real decoder width (256,
+8 heads, 128 internal dims) on a small image grid, where every factored branch runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from samkit.config import MaskDecoderConfig, PromptEncoderConfig
+from samkit.modeling.transformer import factored_pays
+
+from reference import TINY, assert_close_scaled, random_sam
+
+WIDE = dataclasses.replace(
+    TINY,
+    image_encoder=dataclasses.replace(TINY.image_encoder, out_chans=256),
+    prompt_encoder=PromptEncoderConfig(embed_dim=256, mask_in_chans=8),
+    mask_decoder=MaskDecoderConfig(
+        transformer_dim=256, num_heads=8, mlp_dim=64, iou_head_hidden_dim=32
+    ),
+)
+REL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def wide():
+    model = random_sam(WIDE, seed=5)
+    with torch.no_grad():
+        emb = model.image_encoder(torch.randn(2, 3, 160, 160, generator=_gen(1)))
+    return model, emb
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _plain(model, fn):
+    """fn() with the decoder running its plain modules."""
+    dec = model.mask_decoder
+    dec.factored = dec.gemm_upscaling = False
+    try:
+        return fn()
+    finally:
+        dec.factored = dec.gemm_upscaling = True
+
+
+# B prompts of T tokens (5 output tokens + prompt tokens); shared: one image for all prompts
+@pytest.mark.parametrize(
+    "batch, tokens, shared",
+    [(1, 7, True), (1, 7, False), (3, 8, True), (3, 8, False), (2, 15, True), (2, 20, True)],
+)
+def test_factored_transformer_equals_module(wide, batch, tokens, shared):
+    model, _ = wide
+    transformer = model.mask_decoder.transformer
+    g = _gen(batch * 100 + tokens)
+    image = torch.randn(1 if shared else batch, 256, 10, 10, generator=g)
+    pe = torch.randn(1, 256, 10, 10, generator=g)
+    points = torch.randn(batch, tokens, 256, generator=g)
+    attn = transformer.layers[1].cross_attn_token_to_image
+    assert factored_pays(attn, tokens) == (tokens < 16)
+    with torch.no_grad():
+        want = transformer(image, pe, points)
+        got = [transformer.forward_factored(image, pe, points)]
+        if shared:
+            side = transformer.prepare_image(image, pe)
+            got.append(transformer.forward_factored(side, pe, points))
+    for result in got:
+        for g_, w_ in zip(result, want, strict=True):
+            assert_close_scaled(g_, w_.expand_as(g_), rel=REL)
+
+
+def _prompts(kind: str, g: torch.Generator, n: int = 3):
+    coords = torch.rand(n, 2, 2, generator=g) * 160
+    labels = torch.tensor([[1, 0], [1, 1], [0, 1], [1, -1]])[:n]
+    xy = torch.rand(n, 2, 2, generator=g) * 160
+    boxes = torch.cat([xy.amin(1), xy.amax(1)], dim=1)
+    masks = torch.randn(n, 1, 40, 40, generator=g)
+    return {
+        "one point": (coords[:1, :1], labels[:1, :1], None, None),
+        "points": (coords, labels, None, None),
+        "box": (None, None, boxes, None),
+        "points and box": (coords, labels, boxes, None),
+        "mask": (coords, labels, None, masks),
+        "box and mask": (None, None, boxes, masks),
+    }[kind]
+
+
+@pytest.mark.parametrize("config", [WIDE, TINY], ids=["wide", "tiny"])
+@pytest.mark.parametrize(
+    "kind", ["one point", "points", "box", "points and box", "mask", "box and mask"]
+)
+@pytest.mark.parametrize("multimask", [True, False])
+def test_decode_equals_plain_modules(config, kind, multimask):
+    model = random_sam(config, seed=6)
+    g = _gen(7)
+    with torch.no_grad():
+        emb = model.image_encoder(torch.randn(1, 3, 160, 160, generator=g))
+        prompts = _prompts(kind, g)
+        want = _plain(model, lambda: model.decode(emb, *prompts, multimask))
+        got = model.decode(emb, *prompts, multimask)
+        side = model.prepare_decode(emb)
+        cached = model.decode(emb, *prompts, multimask, image_side=side)
+        # one embedding per prompt instead of a shared one
+        per_prompt = emb.expand(want[0].shape[0], -1, -1, -1).contiguous()
+        copies = model.decode(per_prompt, *prompts, multimask)
+    for result in (got, cached, copies):
+        for g_, w_ in zip(result, want, strict=True):
+            assert_close_scaled(g_, w_, rel=REL)
+
+
+def test_decode_masks_of_selected_prompts(wide):
+    """Masks of a subset of prompts (segment everything upscales only prompts it keeps) equal
+    the same rows of the full decode."""
+    model, emb = wide
+    coords, labels, _, _ = _prompts("points", _gen(8), n=4)
+    with torch.no_grad():
+        low_res, iou = model.decode(emb[:1], coords, labels)
+        for image in (emb[:1], emb[:1].expand(4, -1, -1, -1).contiguous()):
+            tokens = model.decode_tokens(image, coords, labels)
+            keep = torch.tensor([2, 0])
+            masks = model.mask_decoder.decode_masks(tokens, keep)
+            assert_close_scaled(tokens.iou_pred, iou, rel=REL)
+            assert_close_scaled(masks, low_res[keep], rel=REL)
+
+
+def test_gemm_upscaling_equals_transposed_convs(wide):
+    model, emb = wide
+    dec = model.mask_decoder
+    coords, labels, _, _ = _prompts("points", _gen(9))
+    with torch.no_grad():
+        tokens = model.decode_tokens(emb[:1], coords, labels, multimask_output=None)
+        got = dec.decode_masks(tokens)
+        dec.gemm_upscaling = False
+        try:
+            want = dec.decode_masks(tokens)
+        finally:
+            dec.gemm_upscaling = True
+    assert got.shape == (3, 4, 40, 40)
+    assert_close_scaled(got, want, rel=REL)
+
+
+def test_prepare_decode_needs_one_image(wide):
+    model, emb = wide
+    with pytest.raises(ValueError, match="one image embedding"):
+        model.prepare_decode(emb)
