@@ -156,3 +156,67 @@ def test_prepare_decode_needs_one_image(wide):
     model, emb = wide
     with pytest.raises(ValueError, match="one image embedding"):
         model.prepare_decode(emb)
+
+
+def test_predictor_caches_the_image_side_per_image(wide):
+    """The predictor prepares the image side on the first prompt and reuses it; a new image
+    or embedding replaces it. Results equal the plain modules on each image."""
+    from samkit.embedding import ImageEmbedding
+    from samkit.predictor import SamPredictor
+
+    model, emb = wide
+    predictor = SamPredictor(model)
+    coords, labels, box, _ = _prompts("points and box", _gen(10), n=1)
+    for i in range(2):  # two images one after the other
+        predictor.set_embedding(ImageEmbedding(emb[i : i + 1], (160, 160), (160, 160), None))
+        with torch.no_grad():
+            want = _plain(model, lambda i=i: model.decode(emb[i : i + 1], coords, labels, box))
+        for _ in range(2):
+            _, iou, low_res = predictor.predict_torch(coords, labels, box, return_logits=True)
+            assert_close_scaled(low_res, want[0], rel=REL)
+            assert_close_scaled(iou, want[1], rel=REL)
+        cached_for, side = predictor._image_side
+        assert cached_for is predictor.features
+        predictor.predict_torch(coords, labels, box)
+        assert predictor._image_side[1] is side  # reused, not recomputed
+    predictor.reset_image()
+    assert predictor._image_side is None
+
+
+def test_generator_upscales_only_kept_prompts_with_the_same_records():
+    """With pred_iou_thresh > 0 only prompts with a mask passing it are upscaled; the records
+    equal those of decoding every prompt in full (the pre-split path)."""
+    from types import SimpleNamespace
+
+    from samkit import SamAutomaticMaskGenerator
+
+    from images import photo
+
+    model = random_sam(TINY, seed=11)
+    image = photo(96, 128, seed=3)
+    options = dict(points_per_side=6, points_per_batch=8, stability_score_thresh=0.0)
+    probe = SamAutomaticMaskGenerator(model, pred_iou_thresh=0.0, box_nms_thresh=1.0, **options)
+    ious = torch.tensor([r.predicted_iou for r in probe.generate_records(image)])
+    thresh = float(ious.quantile(0.85))  # some prompts pass, most do not
+
+    split = SamAutomaticMaskGenerator(model, pred_iou_thresh=thresh, **options)
+    full = SamAutomaticMaskGenerator(model, pred_iou_thresh=thresh, **options)
+    calls = []
+
+    def full_decode(*args):
+        low_res, iou = full.predictor._decode(*args)
+        return SimpleNamespace(low_res=low_res, iou_pred=iou)
+
+    def masks(tokens, prompts):
+        calls.append(len(prompts))
+        return tokens.low_res[prompts]
+
+    full.predictor._decode_tokens, full.predictor._decode_masks = full_decode, masks
+    got, want = split.generate_records(image), full.generate_records(image)
+    assert 0 < sum(calls) < 36  # some prompts, not all, had a passing mask
+    assert len(got) == len(want) > 0
+    for g, w in zip(got, want, strict=True):
+        assert (g.mask() == w.mask()).all()
+        assert (g.bbox, g.point_coords, g.crop_box) == (w.bbox, w.point_coords, w.crop_box)
+        assert abs(g.predicted_iou - w.predicted_iou) <= 1e-6
+        assert abs(g.stability_score - w.stability_score) <= 1e-6

@@ -85,6 +85,14 @@ class Accelerated:
             low_res, iou = low_res.clone(), iou.clone()
         return low_res, iou
 
+    def decode_tokens(self, *args, **kwargs):
+        """`Sam.decode_tokens` (eager: segment everything selects prompts by value)."""
+        return self.model.decode_tokens(*args, **kwargs)
+
+    def decode_masks(self, tokens, prompts=None) -> torch.Tensor:
+        """`MaskDecoder.decode_masks`."""
+        return self.model.mask_decoder.decode_masks(tokens, prompts)
+
     def resize(self, image: torch.Tensor) -> torch.Tensor:
         """HxWx3 uint8 on the device -> (1, 3, h, w) float 0-255, long side = model input.
 
