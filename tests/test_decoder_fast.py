@@ -220,3 +220,25 @@ def test_generator_upscales_only_kept_prompts_with_the_same_records():
         assert (g.bbox, g.point_coords, g.crop_box) == (w.bbox, w.point_coords, w.crop_box)
         assert abs(g.predicted_iou - w.predicted_iou) <= 1e-6
         assert abs(g.stability_score - w.stability_score) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "shape, input_size, original_size",
+    [
+        ((3, 1, 40, 40), (107, 160), (1000, 1500)),
+        ((1, 3, 40, 40), (160, 120), (1500, 1125)),
+        ((2, 3, 40, 40), (160, 160), (77, 77)),
+        ((1, 3, 40, 40), (1, 160), (2, 240)),
+    ],
+)
+def test_postprocess_upsamples_only_the_kept_crop_bit_identically(shape, input_size, original_size):
+    """The definition: bilinear to the padded input side, crop, bilinear to the original size.
+    The fast path computes only the cropped pixels; same formula per pixel, so equal bits."""
+    model = random_sam(TINY)
+    masks = torch.randn(*shape, generator=_gen(12))
+    size = TINY.image_size
+    full = torch.nn.functional.interpolate(masks, (size, size), mode="bilinear")
+    crop = full[..., : input_size[0], : input_size[1]]
+    want = torch.nn.functional.interpolate(crop, original_size, mode="bilinear")
+    got = model.postprocess_masks(masks, input_size, original_size)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -77,10 +77,16 @@ class Sam(nn.Module):
         """Low-res logits (B, C, 256, 256) -> logits at the original image size (B, C, H, W).
 
         input_size is the (h, w) of the resized image inside the padded input.
+
+        Bilinear to the padded input side, crop to input_size, bilinear to original_size; the
+        first step computes only the pixels the crop keeps (bit-identical: with the scale
+        given, each output pixel's source position and weights do not depend on the output
+        size, so a smaller output is a crop of the full one).
         """
         size = self.config.image_size
-        masks = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False)
-        masks = masks[..., : input_size[0], : input_size[1]]
+        h, w = int(input_size[0]), int(input_size[1])
+        scale_h, scale_w = size / masks.shape[-2], size / masks.shape[-1]
+        masks = torch.ops.aten.upsample_bilinear2d(masks, [h, w], False, scale_h, scale_w)
         return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
 
     def decode(
