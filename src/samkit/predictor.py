@@ -407,7 +407,8 @@ class SamPredictor:
             return None
         cached = self._image_side
         if cached is None or cached[0] is not features:
-            cached = self._image_side = (features, self.model.prepare_decode(features))
+            prepare = self.model if self.accelerated is None else self.accelerated
+            cached = self._image_side = (features, prepare.prepare_decode(features))
         return cached[1]
 
     @torch.inference_mode()

@@ -133,32 +133,45 @@ class Sam(nn.Module):
         multimask_output: bool = True,
         *,
         image_side: ImageSide | None = None,
+        mask_decoder: MaskDecoder | None = None,
     ) -> DecodedTokens:
         """`decode` up to the IoU predictions: `mask_decoder.decode_masks(result, prompts)` then
-        gives the masks of all prompts or only of those kept (same values as `decode`)."""
+        gives the masks of all prompts or only of those kept (same values as `decode`).
+
+        mask_decoder: run this copy of the decoder instead (e.g. a bf16 one: the prompt encoder
+        stays as it is, its outputs are cast to the copy's dtype).
+        """
+        decoder = self.mask_decoder if mask_decoder is None else mask_decoder
+        dtype = decoder.iou_token.weight.dtype
         points = None if point_coords is None else (point_coords, point_labels)
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        if mask_input is not None or not self.mask_decoder.factored:
+        if mask_input is not None or not decoder.factored:
             image_side = None
         # the dense positional encoding is part of a prepared image side
         image_pe = None if image_side is not None else self.prompt_encoder.get_dense_pe()
-        return self.mask_decoder.decode_tokens(
-            image_embeddings,
-            image_pe,
-            sparse,
-            dense,
+        return decoder.decode_tokens(
+            image_embeddings.to(dtype),
+            None if image_pe is None else image_pe.to(dtype),
+            sparse.to(dtype),
+            dense.to(dtype),
             multimask_output,
             image_side=image_side,
         )
 
-    def prepare_decode(self, image_embeddings: torch.Tensor) -> ImageSide:
+    def prepare_decode(
+        self, image_embeddings: torch.Tensor, mask_decoder: MaskDecoder | None = None
+    ) -> ImageSide:
         """The decoder's prompt-independent work on one image embedding (1, C, 64, 64), for
         `decode(..., image_side=...)`: compute it once per image (the predictor caches it)."""
         if image_embeddings.shape[0] != 1:
             raise ValueError(f"expected one image embedding, got {image_embeddings.shape[0]}")
+        decoder = self.mask_decoder if mask_decoder is None else mask_decoder
+        dtype = decoder.iou_token.weight.dtype
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        return self.mask_decoder.prepare_image(
-            image_embeddings, self.prompt_encoder.get_dense_pe(), dense
+        return decoder.prepare_image(
+            image_embeddings.to(dtype),
+            self.prompt_encoder.get_dense_pe().to(dtype),
+            dense.to(dtype),
         )
 
     def forward(
