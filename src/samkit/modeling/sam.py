@@ -82,12 +82,18 @@ class Sam(nn.Module):
         first step computes only the pixels the crop keeps (bit-identical: with the scale
         given, each output pixel's source position and weights do not depend on the output
         size, so a smaller output is a crop of the full one).
+        Masks are resampled as (B*C, 1, H, W): each is resampled on its own either way, and the
+        CPU kernel runs 3-4x faster on one channel than on C=3 (which it copies to channels-last
+        and back); same bits.
         """
         size = self.config.image_size
         h, w = int(input_size[0]), int(input_size[1])
+        lead = masks.shape[:-2]
+        masks = masks.reshape(-1, 1, *masks.shape[-2:])
         scale_h, scale_w = size / masks.shape[-2], size / masks.shape[-1]
         masks = torch.ops.aten.upsample_bilinear2d(masks, [h, w], False, scale_h, scale_w)
-        return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+        masks = F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+        return masks.view(*lead, *masks.shape[-2:])
 
     def decode(
         self,
