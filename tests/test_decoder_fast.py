@@ -232,9 +232,11 @@ def test_generator_upscales_only_kept_prompts_with_the_same_records():
         ((1, 3, 40, 40), (1, 160), (2, 240)),
     ],
 )
-def test_postprocess_upsamples_only_the_kept_crop_bit_identically(shape, input_size, original_size):
+def test_postprocess_upsamples_only_the_kept_crop(shape, input_size, original_size):
     """The definition: bilinear to the padded input side, crop, bilinear to the original size.
-    The fast path computes only the cropped pixels; same formula per pixel, so equal bits."""
+    The fast path computes only the cropped pixels, one mask at a time: the same formula per
+    pixel, but torch's CPU kernels for C = 3 and C = 1 (and for 1 or 2 threads) round the
+    weights differently, by about an ulp: 1e-6 of the scale."""
     model = random_sam(TINY)
     masks = torch.randn(*shape, generator=_gen(12))
     size = TINY.image_size
@@ -242,7 +244,13 @@ def test_postprocess_upsamples_only_the_kept_crop_bit_identically(shape, input_s
     crop = full[..., : input_size[0], : input_size[1]]
     want = torch.nn.functional.interpolate(crop, original_size, mode="bilinear")
     got = model.postprocess_masks(masks, input_size, original_size)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert_close_scaled(got, want, rel=1e-6)
+    # the crop alone changes nothing: one mask per image, as the fast path runs it
+    single = masks.flatten(0, 1)[:, None]
+    full = torch.nn.functional.interpolate(single, (size, size), mode="bilinear")
+    crop = full[..., : input_size[0], : input_size[1]]
+    want = torch.nn.functional.interpolate(crop, original_size, mode="bilinear")
+    torch.testing.assert_close(got.flatten(0, 1)[:, None], want, rtol=0, atol=0)
 
 
 def test_bf16_decoder_copy_tracks_fp32(wide):

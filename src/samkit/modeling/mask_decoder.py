@@ -216,10 +216,15 @@ class MaskDecoder(nn.Module):
         x = act1(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
         x = torch.matmul(x.flatten(1, 2), w2) + conv2.bias.repeat(4)  # B x (hw 2 2) x (2 2 C2)
         x = act2(x).unflatten(-1, (4, c2)).flatten(1, 2)  # B x (hw 2 2 2 2) x C2
-        masks = hyper_in @ x.transpose(1, 2)  # B x K x (h w a b a' b')
-        masks = masks.view(*masks.shape[:2], h, w, 2, 2, 2, 2)
         # (i, j, a, b, a', b') -> row 4i + 2a + a', column 4j + 2b + b'
-        return masks.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(*masks.shape[:2], 4 * h, 4 * w)
+        batch, k = hyper_in.shape[:2]
+        if x.dtype == torch.bfloat16:  # the CPU's bf16 matmul wants the long side first
+            masks = (x @ hyper_in.transpose(1, 2)).view(-1, h, w, 2, 2, 2, 2, k)
+            masks = masks.permute(0, 7, 1, 3, 5, 2, 4, 6)
+        else:
+            masks = (hyper_in @ x.transpose(1, 2)).view(-1, k, h, w, 2, 2, 2, 2)
+            masks = masks.permute(0, 1, 2, 4, 6, 3, 5, 7)
+        return masks.reshape(batch, k, 4 * h, 4 * w)
 
 
 class DecodedTokens(NamedTuple):

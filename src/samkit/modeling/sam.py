@@ -84,7 +84,7 @@ class Sam(nn.Module):
         size, so a smaller output is a crop of the full one).
         Masks are resampled as (B*C, 1, H, W): each is resampled on its own either way, and the
         CPU kernel runs 3-4x faster on one channel than on C=3 (which it copies to channels-last
-        and back); same bits.
+        and back); its C=3 and C=1 paths round the weights differently, by about an ulp.
         """
         size = self.config.image_size
         h, w = int(input_size[0]), int(input_size[1])
