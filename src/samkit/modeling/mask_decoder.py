@@ -211,13 +211,15 @@ class MaskDecoder(nn.Module):
         c1, c2 = conv1.out_channels, conv2.out_channels
         w1 = conv1.weight.permute(0, 2, 3, 1).flatten(1)  # C x (2 2 C1)
         w2 = conv2.weight.permute(0, 2, 3, 1).flatten(1)  # C1 x (2 2 C2)
-        x = torch.matmul(image_tokens, w1) + conv1.bias.repeat(4)  # B x hw x (2 2 C1)
-        x = x.unflatten(-1, (4, c1))
+        batch, hw = image_tokens.shape[:2]
+        # bias + product in one addmm
+        x = torch.addmm(conv1.bias.repeat(4), image_tokens.reshape(-1, w1.shape[0]), w1)
+        x = x.view(batch, hw * 4, c1)  # B x (hw 2 2) x C1
         x = act1(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
-        x = torch.matmul(x.flatten(1, 2), w2) + conv2.bias.repeat(4)  # B x (hw 2 2) x (2 2 C2)
-        x = act2(x).unflatten(-1, (4, c2)).flatten(1, 2)  # B x (hw 2 2 2 2) x C2
+        x = torch.addmm(conv2.bias.repeat(4), x.view(-1, c1), w2)  # (B hw 2 2) x (2 2 C2)
+        x = act2(x).view(batch, hw * 16, c2)  # B x (hw 2 2 2 2) x C2
         # (i, j, a, b, a', b') -> row 4i + 2a + a', column 4j + 2b + b'
-        batch, k = hyper_in.shape[:2]
+        batch, k = hyper_in.shape[:2]  # image tokens may be one image for all B
         if x.dtype == torch.bfloat16:  # the CPU's bf16 matmul wants the long side first
             masks = (x @ hyper_in.transpose(1, 2)).view(-1, h, w, 2, 2, 2, 2, k)
             masks = masks.permute(0, 7, 1, 3, 5, 2, 4, 6)
