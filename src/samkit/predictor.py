@@ -6,8 +6,10 @@ official names, shapes, dtypes and preprocessing (PIL bilinear resize of the uin
 Beyond the official: several objects in one call (`predict_objects`), a batch of images in one
 encoder pass (`encode_images`, `predict_batch`), embeddings saved to and loaded from files.
 
-Image encoding happens only in `_encode` and mask decoding only in `_decode`: speed-ups (dtype,
-compile) are layered over those two methods.
+Image encoding happens only in `_encode` and mask decoding only in `_decode` (or, split, in
+`_decode_tokens` for IoU predictions and `_decode_masks` for the masks of chosen prompts):
+speed-ups (dtype, compile) are layered over those methods. The decoder's prompt-independent
+image side is computed on the first prompt of an image and reused (`Sam.prepare_decode`).
 """
 
 from __future__ import annotations
