@@ -48,13 +48,18 @@ class MaskDecoder(nn.Module):
     # The fast formulations, used by `forward` and `Sam.decode` (the modules above still define
     # the model and its state_dict; set these to False to run them as plain modules):
     # - factored: the two-way transformer's image side factored through the few prompt tokens
-    #   (TwoWayTransformer.forward_factored). On the 2-core CPU, vit_b decoder, one point:
-    #   transformer 36 -> 12 ms with a cached image side; 64 points 5.0 -> 2.4 s. fp32, equal to
-    #   the plain module within ~1e-6 of the output scale (reassociated sums), so the default.
+    #   (TwoWayTransformer.forward_factored): 1.9 -> 0.8 GFLOP per point prompt, and with a
+    #   prepared image side (Sam.prepare_decode) layer 0 projects no image tokens at all. On the
+    #   2-core CPU (vit_b, one point, 2 threads) the transformer went from ~36 to ~12 ms. fp32
+    #   and equal to the plain modules within ~1e-6 of the output scale (reassociated sums),
+    #   inside every parity tolerance, so it is the default on every device; where it does not
+    #   pay (heads * tokens >= internal dim, e.g. 16+ prompt tokens) each attention falls back
+    #   to its module by shape.
     # - gemm_upscaling: each stride-2 2x2 transposed conv is a per-pixel linear map (C -> 4 C'),
     #   one matmul on the channels-last image tokens, with the LayerNorm on the channels-last
-    #   result and one pixel shuffle at the end (after the hypernetwork product, on M masks only).
-    #   CPU, 2 threads: 17.5 -> 6.5 ms per prompt; exact up to fp32 reassociation.
+    #   result and one pixel shuffle at the end (after the hypernetwork product, on K masks
+    #   only). CPU, 2 threads: 17.5 -> 6.5 ms per prompt; exact up to fp32 reassociation.
+    # Numbers for whole prompts: benchmarks/README.md ("CPU mask decoder").
     factored: bool = True
     gemm_upscaling: bool = True
     cpu_prompt_chunk: int = 4  # prompts per pass on the CPU (measured: 64 at once is slower)
