@@ -9,6 +9,8 @@ Comparisons are exact except predicted IoU and stability scores (float32, atol 1
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import cv2
 import numpy as np
 import pytest
@@ -56,7 +58,13 @@ def disk_decoder(model):
 def disk_generator(model, **options) -> SamAutomaticMaskGenerator:
     options = {"points_per_side": 6, "points_per_batch": 10, **options}
     generator = SamAutomaticMaskGenerator(model, **options)
-    generator.predictor._decode = disk_decoder(model)
+    decode = disk_decoder(model)
+    generator.predictor._decode = decode
+    # the split hooks (IoU first, masks of chosen prompts) that the IoU filter uses
+    generator.predictor._decode_tokens = lambda *args: SimpleNamespace(
+        **dict(zip(("low_res", "iou_pred"), decode(*args), strict=True))
+    )
+    generator.predictor._decode_masks = lambda tokens, prompts: tokens.low_res[prompts]
     return generator
 
 

@@ -6,8 +6,10 @@ official names, shapes, dtypes and preprocessing (PIL bilinear resize of the uin
 Beyond the official: several objects in one call (`predict_objects`), a batch of images in one
 encoder pass (`encode_images`, `predict_batch`), embeddings saved to and loaded from files.
 
-Image encoding happens only in `_encode` and mask decoding only in `_decode`: speed-ups (dtype,
-compile) are layered over those two methods.
+Image encoding happens only in `_encode` and mask decoding only in `_decode` (or, split, in
+`_decode_tokens` for IoU predictions and `_decode_masks` for the masks of chosen prompts):
+speed-ups (dtype, compile) are layered over those methods. The decoder's prompt-independent
+image side is computed on the first prompt of an image and reused (`Sam.prepare_decode`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from samkit.build import load_sam
 from samkit.embedding import ImageEmbedding, image_digest
 from samkit.fast import Accelerated
 from samkit.modeling import Sam
+from samkit.modeling.mask_decoder import DecodedTokens
+from samkit.modeling.transformer import ImageSide
 from samkit.prompts import (
     ObjectPrompts,
     PromptGroup,
@@ -159,6 +163,7 @@ class SamPredictor:
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
         self.image_digest = None
+        self._image_side: tuple[torch.Tensor, ImageSide] | None = None
         # official attribute names, kept for scripts that read them
         self.orig_h = self.orig_w = self.input_h = self.input_w = None
 
@@ -343,7 +348,70 @@ class SamPredictor:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """B prompts in the input frame -> low-res logits (B, C, 256, 256), IoU (B, C)."""
         decode = self.model.decode if self.accelerated is None else self.accelerated.decode
-        return decode(features, point_coords, point_labels, boxes, mask_input, multimask_output)
+        side = self._prepared(features, mask_input)
+        return decode(
+            features,
+            point_coords,
+            point_labels,
+            boxes,
+            mask_input,
+            multimask_output,
+            image_side=side,
+        )
+
+    def _decode_tokens(
+        self,
+        features: torch.Tensor,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None,
+        mask_input: torch.Tensor | None,
+        multimask_output: bool,
+    ) -> DecodedTokens:
+        """`_decode` up to the IoU predictions; `_decode_masks` gives the masks of any prompts."""
+        side = self._prepared(features, mask_input)
+        if self.accelerated is not None:
+            return self.accelerated.decode_tokens(
+                features,
+                point_coords,
+                point_labels,
+                boxes,
+                mask_input,
+                multimask_output,
+                image_side=side,
+            )
+        return self.model.decode_tokens(
+            features,
+            point_coords,
+            point_labels,
+            boxes,
+            mask_input,
+            multimask_output,
+            image_side=side,
+        )
+
+    def _decode_masks(
+        self, tokens: DecodedTokens, prompts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Low-res logits (P, C, 256, 256) of the `prompts` (indices) of `_decode_tokens`."""
+        if self.accelerated is not None:
+            return self.accelerated.decode_masks(tokens, prompts)
+        return self.model.mask_decoder.decode_masks(tokens, prompts)
+
+    def _prepared(
+        self, features: torch.Tensor, mask_input: torch.Tensor | None
+    ) -> ImageSide | None:
+        """The decoder's prompt-independent work on `features` (Sam.prepare_decode), computed
+        on the first prompt without a mask input and kept until the image changes."""
+        if mask_input is not None or features.shape[0] != 1:
+            return None
+        if not self.model.mask_decoder.factored:
+            return None
+        cached = self._image_side
+        if cached is None or cached[0] is not features:
+            prepare = self.model if self.accelerated is None else self.accelerated
+            cached = self._image_side = (features, prepare.prepare_decode(features))
+        return cached[1]
 
     @torch.inference_mode()
     def _predict_objects(

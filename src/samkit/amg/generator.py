@@ -195,21 +195,27 @@ class SamAutomaticMaskGenerator:
         if device.type == "mps":
             coords = coords.float()
         labels = torch.full(coords.shape[:2], PointLabel.FOREGROUND, dtype=torch.int, device=device)
-        # through the predictor's decode hook, so speed-ups layered there apply here too
-        low_res, iou_preds = predictor._decode(embedding, coords, labels, None, None, True)
+        # through the predictor's decode hooks, so speed-ups layered there apply here too
+        if self.pred_iou_thresh > 0.0:
+            # the IoU filter needs no pixels: upscale only the prompts with a mask passing it
+            tokens = predictor._decode_tokens(embedding, coords, labels, None, None, True)
+            prompts = (tokens.iou_pred > self.pred_iou_thresh).any(1).nonzero().squeeze(1)
+            if prompts.shape[0] == 0:
+                return MaskTable.empty(orig_size, device)
+            low_res = predictor._decode_masks(tokens, prompts)
+            iou_preds = tokens.iou_pred[prompts]
+        else:
+            low_res, iou_preds = predictor._decode(embedding, coords, labels, None, None, True)
+            prompts = torch.arange(points.shape[0], device=device)
 
         # BxCxhxw -> (B*C)xhxw: mask k of point j is row j*C + k
         n_out = low_res.shape[1]
         low_res, iou_preds = low_res.flatten(0, 1), iou_preds.flatten(0, 1)
-        point_ids = torch.arange(points.shape[0], device=device).repeat_interleave(n_out)
-        point_ids += first_point_id
+        point_ids = prompts.repeat_interleave(n_out) + first_point_id
 
-        # the IoU filter needs no pixels: apply it before upsampling, which is per mask
         if self.pred_iou_thresh > 0.0:
             keep = (iou_preds > self.pred_iou_thresh).nonzero().squeeze(1)
             low_res, iou_preds, point_ids = low_res[keep], iou_preds[keep], point_ids[keep]
-            if keep.shape[0] == 0:
-                return MaskTable.empty(orig_size, device)
         logits = model.postprocess_masks(
             low_res[:, None], predictor.input_size, predictor.original_size
         )[:, 0]  # Nx1xhxw -> NxHcxWc, the crop's size

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from samkit.config import MaskDecoderConfig
 from samkit.modeling.common import MLP, LayerNorm2d
-from samkit.modeling.transformer import TwoWayTransformer
+from samkit.modeling.transformer import ImageSide, TwoWayTransformer
 
 
 class MaskDecoder(nn.Module):
@@ -42,6 +45,25 @@ class MaskDecoder(nn.Module):
             dim, config.iou_head_hidden_dim, self.num_mask_tokens, config.iou_head_depth
         )
 
+    # The fast formulations, used by `forward` and `Sam.decode` (the modules above still define
+    # the model and its state_dict; set these to False to run them as plain modules):
+    # - factored: the two-way transformer's image side factored through the few prompt tokens
+    #   (TwoWayTransformer.forward_factored): 1.9 -> 0.8 GFLOP per point prompt, and with a
+    #   prepared image side (Sam.prepare_decode) layer 0 projects no image tokens at all. On the
+    #   2-core CPU (vit_b, one point, 2 threads) the transformer went from ~36 to ~12 ms. fp32
+    #   and equal to the plain modules within ~1e-6 of the output scale (reassociated sums),
+    #   inside every parity tolerance, so it is the default on every device; where it does not
+    #   pay (heads * tokens >= internal dim, e.g. 16+ prompt tokens) each attention falls back
+    #   to its module by shape.
+    # - gemm_upscaling: each stride-2 2x2 transposed conv is a per-pixel linear map (C -> 4 C'),
+    #   one matmul on the channels-last image tokens, with the LayerNorm on the channels-last
+    #   result and one pixel shuffle at the end (after the hypernetwork product, on K masks
+    #   only). CPU, 2 threads: 17.5 -> 6.5 ms per prompt; exact up to fp32 reassociation.
+    # Numbers for whole prompts: benchmarks/README.md ("CPU mask decoder").
+    factored: bool = True
+    gemm_upscaling: bool = True
+    cpu_prompt_chunk: int = 4  # prompts per pass on the CPU (measured: 64 at once is slower)
+
     def forward(
         self,
         image_embeddings: torch.Tensor,
@@ -49,6 +71,8 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
+        *,
+        image_side: ImageSide | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode B prompts.
 
@@ -57,14 +81,20 @@ class MaskDecoder(nn.Module):
             image_pe: (1, C, h, w) dense positional encoding.
             sparse_prompt_embeddings: (B, T, C); dense_prompt_embeddings: (B, C, h, w).
             multimask_output: masks 1..3 if True, else mask 0.
+            image_side: `prepare_image(image_embeddings, image_pe, no-mask dense embedding)`,
+                computed once per image; only valid without a mask prompt.
         Returns:
             mask logits (B, 3 or 1, 4h, 4w) and IoU predictions (B, 3 or 1).
         """
-        masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        tokens = self.decode_tokens(
+            image_embeddings,
+            image_pe,
+            sparse_prompt_embeddings,
+            dense_prompt_embeddings,
+            multimask_output,
+            image_side=image_side,
         )
-        keep = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, keep], iou_pred[:, keep]
+        return self.decode_masks(tokens), tokens.iou_pred
 
     def predict_masks(
         self,
@@ -74,6 +104,33 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All num_mask_tokens masks (B, M, 4h, 4w) and IoU predictions (B, M)."""
+        tokens = self.decode_tokens(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, None
+        )
+        return self.decode_masks(tokens), tokens.iou_pred
+
+    def prepare_image(
+        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor
+    ) -> ImageSide:
+        """The prompt-independent image side of one image (1, C, h, w) with the dense embedding
+        of "no mask" (1, C, h, w), for `forward(..., image_side=...)`."""
+        return self.transformer.prepare_image(image_embeddings + dense, image_pe)
+
+    def decode_tokens(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        multimask_output: bool | None,
+        *,
+        image_side: ImageSide | None = None,
+    ) -> DecodedTokens:
+        """The transformer and IoU head: IoU predictions without any mask pixels.
+
+        multimask_output: outputs 1..3 if True, 0 if False, all if None.
+        `decode_masks` turns the result into masks, for all prompts or only those kept.
+        """
         batch = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.unsqueeze(0).expand(batch, -1, -1)
@@ -84,23 +141,104 @@ class MaskDecoder(nn.Module):
                 f"{image_embeddings.shape[0]} image embeddings for {batch} prompts: "
                 "give one embedding, or one per prompt"
             )
-        if dense_prompt_embeddings.shape[0] > 1 and dense_prompt_embeddings.stride(0) == 0:
-            # a broadcast dense embedding (no mask prompt) is the same for every prompt: keep
-            # one image so the decoder's first image-side projections run once, not B times
-            dense_prompt_embeddings = dense_prompt_embeddings[:1]
-        src = image_embeddings + dense_prompt_embeddings  # (1 or B) x C x h x w
-        _, c, h, w = src.shape
-        hs, src = self.transformer(src, image_pe, tokens)
-        iou_token_out = hs[:, 0]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
+        h, w = image_embeddings.shape[-2:]
+        if image_side is not None and self.factored:
+            # prompts are independent here: on the CPU a few at a time, so the image-side
+            # tensors (4 MiB per prompt) stay in cache
+            chunk = self.cpu_prompt_chunk if tokens.device.type == "cpu" else batch
+            parts = [
+                self.transformer.forward_factored(image_side, image_pe, part)
+                for part in tokens.split(chunk)
+            ]
+            if len(parts) > 1:
+                parts = [tuple(torch.cat(x) for x in zip(*parts, strict=True))]
+            hs, src = parts[0]
+        else:
+            if dense_prompt_embeddings.shape[0] > 1 and dense_prompt_embeddings.stride(0) == 0:
+                # a broadcast dense embedding (no mask prompt) is the same for every prompt:
+                # keep one image so the first image-side projections run once, not B times
+                dense_prompt_embeddings = dense_prompt_embeddings[:1]
+            src = image_embeddings + dense_prompt_embeddings  # (1 or B) x C x h x w
+            transformer = self.transformer.forward_factored if self.factored else self.transformer
+            hs, src = transformer(src, image_pe, tokens)
+        if multimask_output is None:
+            keep = slice(None)
+        else:
+            keep = slice(1, None) if multimask_output else slice(0, 1)
+        return DecodedTokens(
+            iou_pred=self.iou_prediction_head(hs[:, 0])[:, keep],
+            mask_tokens=hs[:, 1 : 1 + self.num_mask_tokens][:, keep],
+            image_tokens=src,
+            mask_ids=range(self.num_mask_tokens)[keep],
+            size=(h, w),
+        )
 
-        # upscale the image tokens 4x and take a dot product with each mask token's hypernetwork
-        src = src.transpose(1, 2).reshape(src.shape[0], c, h, w)  # Bx(hw)xC -> BxCxhxw
-        upscaled = self.output_upscaling(src)
+    def decode_masks(
+        self, tokens: DecodedTokens, prompts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mask logits (B, K, 4h, 4w) of `decode_tokens`' prompts, or (P, K, 4h, 4w) of the P
+        prompts indexed by `prompts`."""
+        image_tokens, mask_tokens = tokens.image_tokens, tokens.mask_tokens
+        if prompts is not None:
+            mask_tokens = mask_tokens[prompts]
+            if image_tokens.shape[0] > 1:
+                image_tokens = image_tokens[prompts]
         hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
+            [
+                self.output_hypernetworks_mlps[m](mask_tokens[:, i])
+                for i, m in enumerate(tokens.mask_ids)
+            ],
             dim=1,
-        )  # BxMx(C/8)
-        _, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.flatten(2)).view(batch, -1, h, w)
-        return masks, self.iou_prediction_head(iou_token_out)
+        )  # BxKx(C/8)
+        h, w = tokens.size
+        if self.gemm_upscaling:
+            if image_tokens.device.type != "cpu" or image_tokens.shape[0] == 1:
+                return self._upscaled_masks(image_tokens, hyper_in, h, w)
+            chunk = self.cpu_prompt_chunk
+            parts = zip(image_tokens.split(chunk), hyper_in.split(chunk), strict=True)
+            return torch.cat([self._upscaled_masks(x, y, h, w) for x, y in parts])
+        # upscale the image tokens 4x and take a dot product with each mask token's hypernetwork
+        src = image_tokens.transpose(1, 2).unflatten(2, (h, w))  # Bx(hw)xC -> BxCxhxw
+        upscaled = self.output_upscaling(src)
+        masks = hyper_in @ upscaled.flatten(2)
+        return masks.view(hyper_in.shape[0], -1, 4 * h, 4 * w)
+
+    def _upscaled_masks(
+        self, image_tokens: torch.Tensor, hyper_in: torch.Tensor, h: int, w: int
+    ) -> torch.Tensor:
+        """`output_upscaling` + hypernetwork product as two matmuls on channels-last tokens.
+
+        A stride-2 2x2 transposed conv maps each input pixel's C channels to the 2x2 output
+        pixels it covers, 4 x C' values: out[2i+a, 2j+b, o] = sum_c x[i, j, c] W[c, o, a, b] +
+        bias[o]. Rows stay in (i, j, a, b, a', b') order until one pixel shuffle of the K masks.
+        """
+        conv1, norm, act1, conv2, act2 = self.output_upscaling
+        c1, c2 = conv1.out_channels, conv2.out_channels
+        w1 = conv1.weight.permute(0, 2, 3, 1).flatten(1)  # C x (2 2 C1)
+        w2 = conv2.weight.permute(0, 2, 3, 1).flatten(1)  # C1 x (2 2 C2)
+        batch, hw = image_tokens.shape[:2]
+        # bias + product in one addmm
+        x = torch.addmm(conv1.bias.repeat(4), image_tokens.reshape(-1, w1.shape[0]), w1)
+        x = x.view(batch, hw * 4, c1)  # B x (hw 2 2) x C1
+        x = act1(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
+        x = torch.addmm(conv2.bias.repeat(4), x.view(-1, c1), w2)  # (B hw 2 2) x (2 2 C2)
+        x = act2(x).view(batch, hw * 16, c2)  # B x (hw 2 2 2 2) x C2
+        # (i, j, a, b, a', b') -> row 4i + 2a + a', column 4j + 2b + b'
+        batch, k = hyper_in.shape[:2]  # image tokens may be one image for all B
+        if x.dtype == torch.bfloat16:  # the CPU's bf16 matmul wants the long side first
+            masks = (x @ hyper_in.transpose(1, 2)).view(-1, h, w, 2, 2, 2, 2, k)
+            masks = masks.permute(0, 7, 1, 3, 5, 2, 4, 6)
+        else:
+            masks = (hyper_in @ x.transpose(1, 2)).view(-1, k, h, w, 2, 2, 2, 2)
+            masks = masks.permute(0, 1, 2, 4, 6, 3, 5, 7)
+        return masks.reshape(batch, k, 4 * h, 4 * w)
+
+
+class DecodedTokens(NamedTuple):
+    """`MaskDecoder.decode_tokens`' result for B prompts and K output masks per prompt."""
+
+    iou_pred: torch.Tensor  # (B, K)
+    mask_tokens: torch.Tensor  # (B, K, C) the transformer's output mask tokens
+    image_tokens: torch.Tensor  # (B, h*w, C) the transformer's image tokens
+    mask_ids: range  # which of the num_mask_tokens outputs the K are
+    size: tuple[int, int]  # (h, w) of the image token map

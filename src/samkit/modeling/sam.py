@@ -12,9 +12,10 @@ from samkit.config import SamConfig
 from samkit.modeling.attention import BACKENDS, AttentionBackend
 from samkit.modeling.image_encoder import Attention as EncoderAttention
 from samkit.modeling.image_encoder import ImageEncoderViT
-from samkit.modeling.mask_decoder import MaskDecoder
+from samkit.modeling.mask_decoder import DecodedTokens, MaskDecoder
 from samkit.modeling.prompt_encoder import PromptEncoder
 from samkit.modeling.transformer import Attention as DecoderAttention
+from samkit.modeling.transformer import ImageSide
 
 
 class Sam(nn.Module):
@@ -76,11 +77,23 @@ class Sam(nn.Module):
         """Low-res logits (B, C, 256, 256) -> logits at the original image size (B, C, H, W).
 
         input_size is the (h, w) of the resized image inside the padded input.
+
+        Bilinear to the padded input side, crop to input_size, bilinear to original_size; the
+        first step computes only the pixels the crop keeps (bit-identical: with the scale
+        given, each output pixel's source position and weights do not depend on the output
+        size, so a smaller output is a crop of the full one).
+        Masks are resampled as (B*C, 1, H, W): each is resampled on its own either way, and the
+        CPU kernel runs 3-4x faster on one channel than on C=3 (which it copies to channels-last
+        and back); its C=3 and C=1 paths round the weights differently, by about an ulp.
         """
         size = self.config.image_size
-        masks = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False)
-        masks = masks[..., : input_size[0], : input_size[1]]
-        return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+        h, w = int(input_size[0]), int(input_size[1])
+        lead = masks.shape[:-2]
+        masks = masks.reshape(-1, 1, *masks.shape[-2:])
+        scale_h, scale_w = size / masks.shape[-2], size / masks.shape[-1]
+        masks = torch.ops.aten.upsample_bilinear2d(masks, [h, w], False, scale_h, scale_w)
+        masks = F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+        return masks.view(*lead, *masks.shape[-2:])
 
     def decode(
         self,
@@ -90,6 +103,8 @@ class Sam(nn.Module):
         boxes: torch.Tensor | None = None,
         mask_input: torch.Tensor | None = None,
         multimask_output: bool = True,
+        *,
+        image_side: ImageSide | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks for B prompts on one image embedding (or one embedding per prompt).
 
@@ -98,17 +113,71 @@ class Sam(nn.Module):
             image_embeddings: (1 or B, C, 64, 64).
             point_coords: (B, N, 2) xy; point_labels: (B, N) PointLabel codes.
             boxes: (B, 4) XYXY. mask_input: (B, 1, 256, 256) logits.
+            image_side: `prepare_decode(image_embeddings)`, the image's prompt-independent
+                decoder work, reusable by every prompt without a mask input (ignored with one).
         Returns:
             low-res mask logits (B, 3 or 1, 256, 256), IoU predictions (B, 3 or 1).
         """
+        tokens = self.decode_tokens(
+            image_embeddings,
+            point_coords,
+            point_labels,
+            boxes,
+            mask_input,
+            multimask_output,
+            image_side=image_side,
+        )
+        return self.mask_decoder.decode_masks(tokens), tokens.iou_pred
+
+    def decode_tokens(
+        self,
+        image_embeddings: torch.Tensor,
+        point_coords: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        *,
+        image_side: ImageSide | None = None,
+        mask_decoder: MaskDecoder | None = None,
+    ) -> DecodedTokens:
+        """`decode` up to the IoU predictions: `mask_decoder.decode_masks(result, prompts)` then
+        gives the masks of all prompts or only of those kept (same values as `decode`).
+
+        mask_decoder: run this copy of the decoder instead (e.g. a bf16 one: the prompt encoder
+        stays as it is, its outputs are cast to the copy's dtype).
+        """
+        decoder = self.mask_decoder if mask_decoder is None else mask_decoder
+        dtype = decoder.iou_token.weight.dtype
         points = None if point_coords is None else (point_coords, point_labels)
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        return self.mask_decoder(
-            image_embeddings=image_embeddings,
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
+        if mask_input is not None or not decoder.factored:
+            image_side = None
+        # the dense positional encoding is part of a prepared image side
+        image_pe = None if image_side is not None else self.prompt_encoder.get_dense_pe()
+        return decoder.decode_tokens(
+            image_embeddings.to(dtype),
+            None if image_pe is None else image_pe.to(dtype),
+            sparse.to(dtype),
+            dense.to(dtype),
+            multimask_output,
+            image_side=image_side,
+        )
+
+    def prepare_decode(
+        self, image_embeddings: torch.Tensor, mask_decoder: MaskDecoder | None = None
+    ) -> ImageSide:
+        """The decoder's prompt-independent work on one image embedding (1, C, 64, 64), for
+        `decode(..., image_side=...)`: compute it once per image (the predictor caches it)."""
+        if image_embeddings.shape[0] != 1:
+            raise ValueError(f"expected one image embedding, got {image_embeddings.shape[0]}")
+        decoder = self.mask_decoder if mask_decoder is None else mask_decoder
+        dtype = decoder.iou_token.weight.dtype
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        return decoder.prepare_image(
+            image_embeddings.to(dtype),
+            self.prompt_encoder.get_dense_pe().to(dtype),
+            dense.to(dtype),
         )
 
     def forward(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from samkit.modeling.attention import AttentionBackend, attention
@@ -57,6 +60,62 @@ class TwoWayTransformer(nn.Module):
         # tokens attend to the image once more
         attn_out = self.final_attn_token_to_image(
             q=queries + point_embedding, k=keys + key_pe, v=keys
+        )
+        return self.norm_final_attn(queries + attn_out), keys
+
+    def prepare_image(self, image_embedding: torch.Tensor, image_pe: torch.Tensor) -> ImageSide:
+        """Everything of layer 0 that depends on the image alone, for `forward_factored`.
+
+        image_embedding: (1, C, h, w), the embedding plus the (prompt-independent) dense prompt
+        embedding; image_pe: (1, C, h, w).
+        """
+        keys, key_pe = _tokens(image_embedding), _tokens(image_pe)
+        if not self.layers:
+            empty = keys.new_empty(0)
+            return ImageSide(keys, key_pe, empty, empty, empty)
+        layer = self.layers[0]
+        t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+        keys_pe = keys + key_pe
+        return ImageSide(
+            keys=keys,
+            key_pe=key_pe,
+            t2i_k=_split(t2i.k_proj(keys_pe), t2i.num_heads),
+            t2i_v=_split(t2i.v_proj(keys), t2i.num_heads),
+            i2t_q=_split(i2t.q_proj(keys_pe), i2t.num_heads),
+        )
+
+    def forward_factored(
+        self,
+        image: torch.Tensor | ImageSide,
+        image_pe: torch.Tensor,
+        point_embedding: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` with the image side factored through the tokens (see `token_to_image`).
+
+        Equal to `forward` up to fp32 rounding. `image` is an embedding (B or 1, C, h, w), or
+        `prepare_image`'s result (layer 0 then projects no image tokens at all). A shared
+        (batch 1) embedding is prepared here, once for all B prompts. Every choice depends on
+        shapes only (no host syncs): fit for torch.compile and CUDA graphs.
+        """
+        if isinstance(image, torch.Tensor):
+            if image.shape[0] == 1:
+                image = self.prepare_image(image, image_pe)
+            else:
+                keys, key_pe = _tokens(image), _tokens(image_pe)
+                image = None
+        if image is not None:
+            keys, key_pe = image.keys, image.key_pe
+        queries = point_embedding
+        for i, layer in enumerate(self.layers):
+            queries, keys = layer.forward_factored(
+                queries,
+                keys,
+                query_pe=point_embedding,
+                key_pe=key_pe,
+                side=image if i == 0 else None,
+            )
+        attn_out = token_to_image(
+            self.final_attn_token_to_image, queries + point_embedding, keys + key_pe, keys
         )
         return self.norm_final_attn(queries + attn_out), keys
 
@@ -115,6 +174,43 @@ class TwoWayAttentionBlock(nn.Module):
         keys = self.norm4(keys + self.cross_attn_image_to_token(q=k, k=q, v=queries))
         return queries, keys
 
+    def forward_factored(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        *,
+        query_pe: torch.Tensor,
+        key_pe: torch.Tensor,
+        side: ImageSide | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` with the factored image side; `side`: this (first) layer's prepared image."""
+        if self.skip_first_layer_pe:
+            queries = self.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + query_pe
+            queries = queries + self.self_attn(q=q, k=q, v=queries)
+        queries = self.norm1(queries)
+
+        q = queries + query_pe
+        if side is not None:
+            attn_out = _token_to_projected_image(
+                self.cross_attn_token_to_image, q, side.t2i_k, side.t2i_v
+            )
+        else:
+            keys_pe = keys + key_pe  # also the image->token queries below (keys are unchanged)
+            attn_out = token_to_image(self.cross_attn_token_to_image, q, keys_pe, keys)
+        queries = self.norm2(queries + attn_out)
+
+        queries = self.norm3(queries + self.mlp(queries))
+
+        q = queries + query_pe
+        if side is not None:
+            out = image_to_token(self.cross_attn_image_to_token, side.i2t_q, q, queries, True)
+        else:
+            out = image_to_token(self.cross_attn_image_to_token, keys_pe, q, queries)
+        keys = self.norm4(keys + out)
+        return queries, keys
+
 
 class Attention(nn.Module):
     """Multi-head attention whose q/k/v are projected down by `downsample_rate` and back up."""
@@ -151,3 +247,159 @@ class Attention(nn.Module):
             q, k, v = (t.contiguous() if t.stride(0) == 0 else t for t in (q, k, v))
         out = attention(q, k, v, backend=self.backend)
         return self.out_proj(out.transpose(1, 2).flatten(2))  # BxheadsxNxd -> BxNxC
+
+
+# -- the factored image side ------------------------------------------------------------------
+#
+# Per prompt only T tokens (5 output tokens + the prompt's) meet N = 64*64 image tokens. The
+# module projects all N image tokens through C x I linear layers (I = C / 2 = 128) in every
+# image-side attention. By linearity the same attention can be computed with the *tokens*
+# projected into the C-wide image space instead, per head h (d = I / heads, X the N x C image
+# side, s = d**-0.5):
+#
+# token->image, queries q (T x I):
+#     scores_h = s q_h (X Wk_h^T + bk_h)^T = (s q_h Wk_h) X^T + (a per-row constant, which the
+#     softmax ignores), and P_h (X Wv_h^T + bv_h) = (P_h X) Wv_h^T + bv_h since rows of P_h sum
+#     to 1: one attention of the heads*T projected queries against X with X as the values.
+# image->token, keys k and values v (T x I):
+#     scores_h = s (X Wq_h^T + bq_h) k_h^T = X (s Wq_h^T k_h^T) + s bq_h . k_h (per key: kept),
+#     and sum_h A_h v_h Wo_h^T + bo = [A_1 .. A_H] [v_1 Wo_1^T; ..; v_H Wo_H^T] + bo: one
+#     N x (heads*T) by (heads*T) x C product.
+#
+# Image-side work per attention drops from 2 N C I to 2 N C heads T multiply-adds, a gain while
+# heads * T < I (T <= 15 for SAM: up to 10 points, or a box and 8 points). Rounding differs from
+# the module's (the sums are reassociated), by about 1e-6 of the output scale in fp32.
+
+
+class ImageSide(NamedTuple):
+    """Layer 0's prompt-independent image side for one image (no mask prompt): computed once per
+    image and reused by every prompt (`TwoWayTransformer.prepare_image`)."""
+
+    keys: torch.Tensor  # (1, N, C) image embedding + dense prompt embedding
+    key_pe: torch.Tensor  # (1, N, C)
+    t2i_k: torch.Tensor  # (1, heads, N, d) layer 0 token->image keys, projected
+    t2i_v: torch.Tensor  # (1, heads, N, d) and values
+    i2t_q: torch.Tensor  # (1, heads, N, d) layer 0 image->token queries, projected
+
+
+def factored_pays(attn: Attention, tokens: int) -> bool:
+    """Whether the factored form of an image-side attention needs fewer FLOPs than the module."""
+    return attn.num_heads * tokens < attn.internal_dim
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h*w, C), contiguous: every image-side op then reads rows of C."""
+    return x.flatten(2).transpose(1, 2).contiguous()
+
+
+def _split(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, T, I) -> (B, heads, T, d)."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, T, d) -> (B, T, I)."""
+    return x.transpose(1, 2).flatten(2)
+
+
+def _attend_shared(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention (unit scale) of q (B, G, M, e) on k, v (1 or B, G, N, e).
+
+    Keys shared by all B (batch 1) are not copied: the B query sets become one longer set.
+    """
+    batch, groups, m, e = q.shape
+    if k.shape[0] == 1 and batch > 1:
+        q = q.transpose(0, 1).reshape(1, groups, batch * m, e)
+        out = _softmax_attention(q, k, v)
+        return out.view(groups, batch, m, -1).transpose(0, 1)
+    return _softmax_attention(q, k, v)
+
+
+def _softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # the CPU's bf16 SDPA kernel runs at a third of its bf16 matmuls here (a few wide queries
+    # against 4096 keys); everywhere else SDPA is as fast or faster
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # keys on the left: the CPU's bf16 matmul copies a transposed operand, so transpose
+        # the small M x N scores, never the N = 4096 key rows; the softmax then runs over
+        # contiguous rows (along a strided dim it is 5x slower on 2 threads)
+        scores = (k @ q.transpose(-2, -1)).transpose(-2, -1).contiguous()  # ... x M x N
+        return scores.softmax(-1) @ v
+    return F.scaled_dot_product_attention(q, k, v, scale=1.0)
+
+
+def token_to_image(
+    attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """`attn(q=q, k=k, v=v)` for T tokens q (B, T, C) on the image k, v (1 or B, N, C), with the
+    queries projected into the image space (see above) instead of the image into the heads."""
+    if not factored_pays(attn, q.shape[1]):
+        return attn(q=q, k=k, v=v)
+    heads = attn.num_heads
+    d = attn.internal_dim // heads
+    c = k.shape[-1]
+    qh = _split(attn.q_proj(q), heads)  # B x heads x T x d
+    wk = attn.k_proj.weight.view(heads, d, c)  # I x C -> heads x d x C
+    qx = (qh * d**-0.5) @ wk  # B x heads x T x C
+    batch, _, tokens, _ = qx.shape
+    px = _attend_shared(qx.reshape(batch, 1, heads * tokens, c), k[:, None], v[:, None])
+    px = px.view(batch, heads, tokens, c)  # (P_h X) per head
+    wv = attn.v_proj.weight.view(heads, d, c).transpose(1, 2)  # heads x C x d
+    out = px @ wv + attn.v_proj.bias.view(heads, 1, d)  # B x heads x T x d
+    return attn.out_proj(_merge(out))
+
+
+def _token_to_projected_image(
+    attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """`attn(q=q, ...)` with the image keys and values already projected: (1, heads, N, d)."""
+    qh = _split(attn.q_proj(q), attn.num_heads) * (k.shape[-1] ** -0.5)
+    return attn.out_proj(_merge(_attend_shared(qh, k, v)))
+
+
+def image_to_token(
+    attn: Attention,
+    x: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projected: bool = False,
+) -> torch.Tensor:
+    """`attn(q=x, k=k, v=v)` for the image x (1 or B, N, C) attending to T tokens k, v (B, T, C),
+    with the tokens' keys and values projected into the image space (see above).
+
+    projected: x is already `attn.q_proj(...)` split into heads, (1, heads, N, d).
+    """
+    heads = attn.num_heads
+    batch, tokens, c = k.shape
+    d = attn.internal_dim // heads
+    if not factored_pays(attn, tokens):
+        if not projected:
+            return attn(q=x, k=k, v=v)
+        kh, vh = _split(attn.k_proj(k), heads), _split(attn.v_proj(v), heads)
+        out = F.scaled_dot_product_attention(x.expand(batch, -1, -1, -1), kh, vh)
+        return attn.out_proj(_merge(out))
+    kh = _split(attn.k_proj(k), heads) * d**-0.5  # B x heads x T x d
+    vh = _split(attn.v_proj(v), heads)
+    wo = attn.out_proj.weight.view(c, heads, d).permute(1, 2, 0)  # heads x d x C
+    vo = (vh @ wo).flatten(1, 2)  # B x (heads T) x C: v_h Wo_h^T, stacked
+    n = x.shape[-2]
+    # scores are laid out (heads T) x N, the softmax runs over T along dim -2: a softmax over a
+    # last dim of T ~ 7 is 20x slower on the CPU
+    # the image tokens stay the left operand of every product (a transposed N-row operand
+    # costs a copy in the CPU's bf16 matmul); the small results are transposed instead
+    if projected:
+        # per head (d wide): heads x N x d by heads x d x (B T); the B prompts share one product
+        scores = x[0] @ kh.permute(1, 3, 0, 2).flatten(2)  # heads x N x (B T)
+        # B x heads x T x N in memory: a softmax over T contiguous values is 20x slower
+        scores = scores.view(heads, n, batch, tokens).permute(2, 0, 3, 1).contiguous()
+        probs = scores.softmax(-2)
+    else:
+        wq = attn.q_proj.weight.view(heads, d, c)
+        kx = (kh @ wq).flatten(1, 2)  # B x (heads T) x C: s Wq_h^T k_h, stacked
+        bias = (kh @ attn.q_proj.bias.view(heads, d, 1)).flatten(1, 2)  # B x (heads T) x 1
+        if x.shape[0] == 1 and batch > 1:  # one product for all prompts
+            scores = (x[0] @ kx.flatten(0, 1).T).view(n, batch, heads * tokens).permute(1, 2, 0)
+        else:
+            scores = (x @ kx.transpose(1, 2)).transpose(1, 2)
+        probs = (scores + bias).reshape(batch, heads, tokens, n).softmax(-2)
+    probs = probs.reshape(batch, heads * tokens, n).transpose(1, 2)  # B x N x (heads T)
+    return torch.baddbmm(attn.out_proj.bias, probs, vo)
