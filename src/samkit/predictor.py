@@ -370,17 +370,8 @@ class SamPredictor:
     ) -> DecodedTokens:
         """`_decode` up to the IoU predictions; `_decode_masks` gives the masks of any prompts."""
         side = self._prepared(features, mask_input)
-        if self.accelerated is not None:
-            return self.accelerated.decode_tokens(
-                features,
-                point_coords,
-                point_labels,
-                boxes,
-                mask_input,
-                multimask_output,
-                image_side=side,
-            )
-        return self.model.decode_tokens(
+        runner = self.model if self.accelerated is None else self.accelerated
+        return runner.decode_tokens(
             features,
             point_coords,
             point_labels,

@@ -155,13 +155,7 @@ class TwoWayAttentionBlock(nn.Module):
         query_pe: torch.Tensor,
         key_pe: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # self-attention of the tokens; the first layer sees them without PE and replaces them
-        if self.skip_first_layer_pe:
-            queries = self.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + query_pe
-            queries = queries + self.self_attn(q=q, k=q, v=queries)
-        queries = self.norm1(queries)
+        queries = self._token_self_attention(queries, query_pe)
 
         # cross attention, tokens attending to the image
         q, k = queries + query_pe, keys + key_pe
@@ -174,6 +168,15 @@ class TwoWayAttentionBlock(nn.Module):
         keys = self.norm4(keys + self.cross_attn_image_to_token(q=k, k=q, v=queries))
         return queries, keys
 
+    def _token_self_attention(self, queries: torch.Tensor, query_pe: torch.Tensor) -> torch.Tensor:
+        """Self-attention of the tokens; the first layer sees them without PE and replaces them."""
+        if self.skip_first_layer_pe:
+            queries = self.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + query_pe
+            queries = queries + self.self_attn(q=q, k=q, v=queries)
+        return self.norm1(queries)
+
     def forward_factored(
         self,
         queries: torch.Tensor,
@@ -184,12 +187,7 @@ class TwoWayAttentionBlock(nn.Module):
         side: ImageSide | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` with the factored image side; `side`: this (first) layer's prepared image."""
-        if self.skip_first_layer_pe:
-            queries = self.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + query_pe
-            queries = queries + self.self_attn(q=q, k=q, v=queries)
-        queries = self.norm1(queries)
+        queries = self._token_self_attention(queries, query_pe)
 
         q = queries + query_pe
         if side is not None:
