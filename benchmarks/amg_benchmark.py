@@ -40,7 +40,6 @@ from samkit.config import (
     SamConfig,
     variant_config,
 )
-from samkit.predictor import SamPredictor
 
 # --tiny: a few-layer model for smoke tests (any input side works for the generator)
 TINY = SamConfig(
@@ -70,19 +69,23 @@ def main(argv: list[str] | None = None) -> int:
     options = generator_options(args)
     print(
         f"{'tiny' if args.tiny else args.model_type} on {device}, image {args.height}x"
-        f"{args.width}, {options}",
+        f"{args.width}, {options}" + (", samkit fast=True" if args.fast else ""),
         flush=True,
     )
 
-    predictor = SamPredictor(model)
-    encoder_s = median_seconds(lambda: predictor.set_image(image), device, args.runs, 1)
-    ours = SamAutomaticMaskGenerator(model, **options)
+    ours_model = model
+    if args.fast:  # fast=True converts the encoder in place: keep `model` fp32 for the official
+        ours_model = build_sam(config, device=device)
+        ours_model.load_state_dict(model.state_dict())
+    ours = SamAutomaticMaskGenerator(ours_model, fast=args.fast, **options)
+    encoder_s = median_seconds(lambda: ours.predictor.set_image(image), device, args.runs, 1)
     ours_s, ours_records, ours_peak = measure(ours.generate, image, device, args.runs, 1)
     result: dict[str, Any] = {
         "model": "tiny" if args.tiny else args.model_type,
         "device": str(device),
         "image": [args.height, args.width],
         "options": options,
+        "fast": args.fast,
         "encoder_s": encoder_s,
         "samkit_s": ours_s,
         "samkit_masks": len(ours_records),
@@ -116,6 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--points-per-batch", type=int, default=64)
     parser.add_argument("--worst-case", action="store_true", help="keep every mask")
     parser.add_argument("--official", action="store_true", help="also time segment_anything")
+    parser.add_argument("--fast", action="store_true", help="samkit with fast=True (samkit.fast)")
     parser.add_argument("--runs", type=int, default=3, help="timed samkit runs (median)")
     parser.add_argument("--official-runs", type=int, default=1, help="timed official runs")
     parser.add_argument("--height", type=int, default=1000)

@@ -7,12 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_amg_benchmark_smoke(tmp_path) -> None:
+@pytest.mark.parametrize("fast", [False, True])
+def test_amg_benchmark_smoke(tmp_path, fast) -> None:
     out = tmp_path / "amg.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "amg_benchmark.py"), "--tiny"]
+    command += ["--fast"] if fast else []
     command += ["--device", "cpu", "--points-per-side", "4", "--runs", "1", "--worst-case"]
     command += ["--height", "120", "--width", "180", "--json", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
@@ -21,6 +25,7 @@ def test_amg_benchmark_smoke(tmp_path) -> None:
     report = json.loads(out.read_text())
     assert report["samkit_masks"] == 4 * 4 * 3  # the worst case keeps every mask
     assert report["samkit_s"] > 0 and report["encoder_s"] > 0
+    assert report["fast"] is fast
 
 
 def test_records_benchmark_smoke(tmp_path) -> None:
