@@ -16,11 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from samkit.kernels.relpos_window import rel_pos_table, split_head_dim
-
-# the head dim as two power-of-two tiles (80 = 64 + 16) rather than one padded tile (128): off,
-# since the 16-wide tile miscompiled in some launch configurations of the window kernel
-SPLIT_HEAD_DIM = False
+from samkit.kernels.relpos_window import rel_pos_table
 
 try:
     import triton
@@ -59,7 +55,7 @@ if triton is not None:
         s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_tb, s_th, s_tn, s_ob, s_oh, s_on,
         HEADS, N, sm_scale,
         KH: tl.constexpr, KW: tl.constexpr, TABLE: tl.constexpr,
-        HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK_M: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     ):  # fmt: skip
         start_m = tl.program_id(0)
         z = tl.program_id(1)
@@ -67,17 +63,13 @@ if triton is not None:
         head = (z % HEADS).to(tl.int64)
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, KW)
-        # the head dim as D1 + D2 channels (80 = 64 + 16) or one padded tile (D2 = 0)
-        offs_d1 = tl.arange(0, D1)
-        offs_d2 = D1 + tl.arange(0, D2 if D2 > 0 else 16)
-        d1_ok = offs_d1 < HEAD_DIM
-        d2_ok = offs_d2 < HEAD_DIM
+        offs_d = tl.arange(0, BLOCK_D)  # the head dim, padded to a power of two (masked)
+        d_ok = offs_d < HEAD_DIM
         m_ok = offs_m < N
         log2e: tl.constexpr = 1.4426950408889634
 
         q_ptr = Q + b * s_qb + head * s_qh + offs_m[:, None] * s_qn
-        q1 = tl.load(q_ptr + offs_d1[None, :], mask=m_ok[:, None] & d1_ok[None, :], other=0.0)
-        q2 = tl.load(q_ptr + offs_d2[None, :], mask=m_ok[:, None] & d2_ok[None, :], other=0.0)
+        q = tl.load(q_ptr + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         # rel-pos: table entry r of query m is q_m . R[r] (h rows first, w rows from TABLE)
         t_ptr = T + b * s_tb + head * s_th + offs_m * s_tn
         qh = offs_m // KW
@@ -94,17 +86,12 @@ if triton is not None:
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc1 = tl.zeros([BLOCK_M, D1], tl.float32)
-        acc2 = tl.zeros([BLOCK_M, D2 if D2 > 0 else 16], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         qk_scale = sm_scale * log2e
         for row in range(0, KH):  # one key row per block
             row_k = k_ptr + row * KW * s_kn
-            k1 = tl.load(row_k + offs_d1[:, None], mask=d1_ok[:, None], other=0.0)
-            s = tl.dot(q1, k1)
-            if D2 > 0:
-                k2 = tl.load(row_k + offs_d2[:, None], mask=d2_ok[:, None], other=0.0)
-                s = tl.dot(q2, k2, s)
-            s = s * qk_scale
+            k = tl.load(row_k + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+            s = tl.dot(q, k) * qk_scale
             rh = tl.load(t_ptr + (qh - row + KH - 1), mask=m_ok, other=0.0).to(tl.float32)
             s = s + rh[:, None] * log2e + rw
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -112,25 +99,16 @@ if triton is not None:
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             row_v = v_ptr + row * KW * s_vn
-            v1 = tl.load(row_v + offs_d1[None, :], mask=d1_ok[None, :], other=0.0)
-            acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None])
-            if D2 > 0:
-                v2 = tl.load(row_v + offs_d2[None, :], mask=d2_ok[None, :], other=0.0)
-                acc2 = tl.dot(p.to(v2.dtype), v2, acc2 * alpha[:, None])
+            v = tl.load(row_v + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
             m_i = m_new
         o_ptr = Out + b * s_ob + head * s_oh + offs_m[:, None] * s_on
         inv = 1.0 / l_i
         tl.store(
-            o_ptr + offs_d1[None, :],
-            (acc1 * inv[:, None]).to(Out.dtype.element_ty),
-            mask=m_ok[:, None] & d1_ok[None, :],
+            o_ptr + offs_d[None, :],
+            (acc * inv[:, None]).to(Out.dtype.element_ty),
+            mask=m_ok[:, None] & d_ok[None, :],
         )
-        if D2 > 0:
-            tl.store(
-                o_ptr + offs_d2[None, :],
-                (acc2 * inv[:, None]).to(Out.dtype.element_ty),
-                mask=m_ok[:, None] & d2_ok[None, :],
-            )
 
 
 @torch.library.custom_op("samkit::relpos_flash_attention", mutates_args=())
@@ -153,7 +131,6 @@ def relpos_flash_attention(
     table = rel_pos_table(q, rel_pos_h, rel_pos_w, rows)  # B x heads x N x 2R, contiguous
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = q.new_empty(b, n, h, d).transpose(1, 2)
-    d1, d2 = split_head_dim(d) if SPLIT_HEAD_DIM else (max(16, triton.next_power_of_2(d)), 0)
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]), b * h)
@@ -162,7 +139,7 @@ def relpos_flash_attention(
         q, k, v, table, out,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *table.stride()[:3], *out.stride()[:3],
         h, n, d**-0.5,
-        KH=kh, KW=kw, TABLE=rows, HEAD_DIM=d, D1=d1, D2=d2,
+        KH=kh, KW=kw, TABLE=rows, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
     )  # fmt: skip
     return out
 

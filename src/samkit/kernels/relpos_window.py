@@ -29,11 +29,10 @@ except ImportError:  # CPU-only installs
     triton = None
 
 MAX_WINDOW = 16
-# launch configuration override (query slots per program, warps), for tuning; None: measured
-CONFIG: tuple[int, int] | None = None
-# the head dim as two power-of-two tiles (80 = 64 + 16) rather than one padded tile (128): off,
-# since Triton 3.6 miscompiled the 16-wide tile on an H100 in some launch configurations
-SPLIT_HEAD_DIM = False
+# query slots per program (whole window rows) and warps: the fastest measured on an H100 for
+# 14x14 windows at head dims 64 and 80 (benchmarks/results/h100-window-kernel-configs.log)
+QUERY_SLOTS = 128
+NUM_WARPS = 8
 
 
 def supported(x: torch.Tensor, window: int, head_dim: int) -> bool:
@@ -56,7 +55,7 @@ if triton is not None:
         s_qb, s_qy, s_qx, s_ab, s_ay, s_ax, s_ah, s_ob, s_oy, s_ox,
         H, W, N_WIN_H, N_WIN_W, C, sm_scale,
         WIN: tl.constexpr, SLOT: tl.constexpr, ROWS: tl.constexpr, TABLE: tl.constexpr,
-        HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         BLOCK_M: tl.constexpr = ROWS * SLOT
         KEYS: tl.constexpr = SLOT * SLOT
@@ -68,11 +67,8 @@ if triton is not None:
         wy = (win // N_WIN_W) % N_WIN_H
         wx = win % N_WIN_W
 
-        # the head dim as D1 + D2 channels (80 = 64 + 16): no padding to a power of two
-        offs_d1 = tl.arange(0, D1)
-        offs_d2 = D1 + tl.arange(0, D2 if D2 > 0 else 16)
-        d1_ok = offs_d1 < HEAD_DIM
-        d2_ok = offs_d2 < HEAD_DIM
+        offs_d = tl.arange(0, BLOCK_D)  # the head dim, padded to a power of two (masked)
+        d_ok = offs_d < HEAD_DIM
         # query slot m is window row qr, column qc (slots past the window are masked)
         offs_m = tl.arange(0, BLOCK_M)
         qr = row_block * ROWS + offs_m // SLOT
@@ -92,18 +88,11 @@ if triton is not None:
         base = QKV + b * s_qb + head * HEAD_DIM
         q_ptr = base + qy[:, None] * s_qy + qx[:, None] * s_qx
         k_ptr = base + C + ky[None, :] * s_qy + kx[None, :] * s_qx
-        q1 = tl.load(q_ptr + offs_d1[None, :], mask=q_ok[:, None] & d1_ok[None, :], other=0.0)
-        k1 = tl.load(k_ptr + offs_d1[:, None], mask=k_in[None, :] & d1_ok[:, None], other=0.0)
-        bias_k1 = tl.load(BK + head * HEAD_DIM + offs_d1, mask=d1_ok, other=0.0)
-        k1 = tl.where(k_in[None, :], k1, bias_k1[:, None].to(k1.dtype))
-        s = tl.dot(q1, k1)
-        if D2 > 0:
-            q2 = tl.load(q_ptr + offs_d2[None, :], mask=q_ok[:, None] & d2_ok[None, :], other=0.0)
-            k2 = tl.load(k_ptr + offs_d2[:, None], mask=k_in[None, :] & d2_ok[:, None], other=0.0)
-            bias_k2 = tl.load(BK + head * HEAD_DIM + offs_d2, mask=d2_ok, other=0.0)
-            k2 = tl.where(k_in[None, :], k2, bias_k2[:, None].to(k2.dtype))
-            s = tl.dot(q2, k2, s)
-        s = s * sm_scale
+        q = tl.load(q_ptr + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(k_ptr + offs_d[:, None], mask=k_in[None, :] & d_ok[:, None], other=0.0)
+        bias_k = tl.load(BK + head * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
+        k = tl.where(k_in[None, :], k, bias_k[:, None].to(k.dtype))
+        s = tl.dot(q, k) * sm_scale
 
         # rel-pos: table entry r of query m is q_m . R[r], h terms first, then w terms. The
         # bias of key (kr, kc) is rel_h[m, kr] + rel_w[m, kc]: gather SLOT of each, then
@@ -127,44 +116,15 @@ if triton is not None:
         inv = 1.0 / tl.sum(p, 1)
         v_ptr = base + 2 * C + ky[:, None] * s_qy + kx[:, None] * s_qx
         o_ptr = Out + b * s_ob + qy[:, None] * s_oy + qx[:, None] * s_ox + head * HEAD_DIM
-        v1 = tl.load(v_ptr + offs_d1[None, :], mask=k_in[:, None] & d1_ok[None, :], other=0.0)
-        bias_v1 = tl.load(BV + head * HEAD_DIM + offs_d1, mask=d1_ok, other=0.0)
-        v1 = tl.where(k_in[:, None], v1, bias_v1[None, :].to(v1.dtype))
-        out1 = tl.dot(p.to(v1.dtype), v1) * inv[:, None]
+        v = tl.load(v_ptr + offs_d[None, :], mask=k_in[:, None] & d_ok[None, :], other=0.0)
+        bias_v = tl.load(BV + head * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
+        v = tl.where(k_in[:, None], v, bias_v[None, :].to(v.dtype))
+        out = tl.dot(p.to(v.dtype), v) * inv[:, None]
         tl.store(
-            o_ptr + offs_d1[None, :],
-            out1.to(Out.dtype.element_ty),
-            mask=q_ok[:, None] & d1_ok[None, :],
+            o_ptr + offs_d[None, :],
+            out.to(Out.dtype.element_ty),
+            mask=q_ok[:, None] & d_ok[None, :],
         )
-        if D2 > 0:
-            v2 = tl.load(v_ptr + offs_d2[None, :], mask=k_in[:, None] & d2_ok[None, :], other=0.0)
-            bias_v2 = tl.load(BV + head * HEAD_DIM + offs_d2, mask=d2_ok, other=0.0)
-            v2 = tl.where(k_in[:, None], v2, bias_v2[None, :].to(v2.dtype))
-            out2 = tl.dot(p.to(v2.dtype), v2) * inv[:, None]
-            tl.store(
-                o_ptr + offs_d2[None, :],
-                out2.to(Out.dtype.element_ty),
-                mask=q_ok[:, None] & d2_ok[None, :],
-            )
-
-
-def split_head_dim(d: int) -> tuple[int, int]:
-    """(D1, D2) power-of-two tiles covering d channels: d itself, a power of two plus a smaller
-    one of at least 16 (80 = 64 + 16), or else the next power of two (masked)."""
-    low = triton.next_power_of_2(d)
-    if low == d:
-        return max(d, 16), 0
-    low //= 2
-    rest = d - low
-    if rest >= 16 and rest & (rest - 1) == 0:
-        return low, rest
-    return max(16, 2 * low), 0
-
-
-def launch_config(head_dim: int) -> tuple[int, int]:
-    """(query slots per program, warps): the fastest measured on an H100 for 14x14 windows
-    (benchmarks/README.md)."""
-    return 128, 8
 
 
 def _table_rows(window: int) -> int:
@@ -207,10 +167,8 @@ def relpos_window_attention(
     table = rel_pos_table(q, rel_pos_h, rel_pos_w, rows).contiguous()  # BxHxWxheadsx2R
     out = qkv.new_empty(b, h, w, c)
     slot = max(16, triton.next_power_of_2(window))  # tl.dot needs 16 along the one-hot side
-    query_slots, warps = CONFIG or launch_config(d)
-    row_count = max(1, query_slots // slot)  # window rows per program
+    row_count = max(1, QUERY_SLOTS // slot)  # window rows per program
     n_win_h, n_win_w = triton.cdiv(h, window), triton.cdiv(w, window)
-    d1, d2 = split_head_dim(d) if SPLIT_HEAD_DIM else (max(16, triton.next_power_of_2(d)), 0)
     grid = (triton.cdiv(window, row_count), b * n_win_h * n_win_w, num_heads)
     _window_fwd[grid](
         qkv, table, bias_k.to(qkv.dtype).contiguous(), bias_v.to(qkv.dtype).contiguous(), out,
@@ -219,8 +177,8 @@ def relpos_window_attention(
         out.stride(0), out.stride(1), out.stride(2),
         h, w, n_win_h, n_win_w, c, d**-0.5,
         WIN=window, SLOT=slot, ROWS=row_count, TABLE=rows,
-        HEAD_DIM=d, D1=d1, D2=d2,
-        num_warps=warps, num_stages=1,
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        num_warps=NUM_WARPS, num_stages=1,
     )  # fmt: skip
     return out
 
