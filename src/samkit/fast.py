@@ -1,9 +1,10 @@
 """Speed, layered on top of the same modules: dtype, attention kernel, torch.compile, graphs.
 
 Nothing here changes the model's definition. `fast=True` on a predictor means, on CUDA: the
-image encoder in bf16 with the rel-pos bias computed inside a flash-attention kernel, compiled;
-the prompt encoder and mask decoder kept in fp32 and replayed as a CUDA graph; the image resized
-and normalised on the GPU. On the CPU it means the measured best CPU plan (benchmarks/README.md).
+image encoder in bf16 with the rel-pos bias computed inside flash-attention kernels, compiled;
+the prompt path (prompt encoder, mask decoder in fp32, resizing to the image) replayed as CUDA
+graphs (samkit.graphs); the image resized and normalised on the GPU. On the CPU it means the
+measured best CPU plan (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from samkit.graphs import PromptInputs, PromptOutputs, prompt_graphs, run_prompts
 from samkit.modeling import Sam
 from samkit.modeling.attention import AttentionBackend
+from samkit.modeling.transformer import ImageSide
 from samkit.transforms import get_preprocess_shape
 
 
@@ -26,7 +29,7 @@ class SpeedPlan:
     dtype: torch.dtype = torch.float32  # of the image encoder
     attention: AttentionBackend = "sdpa"
     compile_mode: str | None = None  # torch.compile mode for the image encoder; None = eager
-    graph_decoder: bool = False  # replay prompt encoder + mask decoder as a CUDA graph
+    graph_decoder: bool = False  # replay the prompt path as CUDA graphs (samkit.graphs)
     resize_on_device: bool = False  # resize/normalise on the device instead of with PIL
     gelu_epilogue: bool = False  # encoder MLP GELU (tanh approximation) in the GEMM epilogue
     decoder_dtype: torch.dtype = torch.float32  # of a mask decoder copy (eager, not graphed)
@@ -79,11 +82,8 @@ class Accelerated:
         self._encoder = model.image_encoder
         if self.plan.compile_mode:
             self._encoder = compile_encoder(self._encoder, self.plan.compile_mode)
-        self._decoder = (
-            torch.compile(model.decode, mode="reduce-overhead", dynamic=False)
-            if self.plan.graph_decoder
-            else model.decode
-        )
+        # the whole prompt path (prompt encoder, decoder, resizing to the image) as CUDA graphs
+        self.prompts = prompt_graphs(model) if self.plan.graph_decoder else None
         # a snapshot of the mask decoder in decoder_dtype: weights loaded into the model later
         # do not reach it (as with the converted encoder, give each model its own predictor)
         self._low_decoder = None
@@ -98,10 +98,23 @@ class Accelerated:
         if self._low_decoder is not None:
             tokens = self.decode_tokens(*args, **kwargs)
             return self.decode_masks(tokens), tokens.iou_pred
-        low_res, iou = self._decoder(*args, **kwargs)
-        if self.plan.graph_decoder:  # graph outputs are overwritten by the next replay
-            low_res, iou = low_res.clone(), iou.clone()
-        return low_res, iou
+        return self.model.decode(*args, **kwargs)
+
+    def predict(
+        self,
+        features: torch.Tensor,
+        image_side: ImageSide | None,
+        prompts: PromptInputs,
+        multimask_output: bool,
+        input_size: tuple[int, int],
+        original_size: tuple[int, int],
+        return_logits: bool,
+    ) -> PromptOutputs:
+        """Prompts -> masks at the original size (`graphs.run_prompts`), graphed on CUDA."""
+        args = (multimask_output, input_size, original_size, return_logits)
+        if self.prompts is not None and self._low_decoder is None:
+            return self.prompts(features, image_side, prompts, *args)
+        return run_prompts(self.model, features, image_side, prompts, *args, decode=self.decode)
 
     def prepare_decode(self, features: torch.Tensor):
         """`Sam.prepare_decode` for the decoder that `decode` runs."""

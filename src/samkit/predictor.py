@@ -25,6 +25,7 @@ from samkit import embedding as embedding_files
 from samkit.build import load_sam
 from samkit.embedding import ImageEmbedding, image_digest
 from samkit.fast import Accelerated
+from samkit.graphs import GraphCache, PromptInputs, finish_prompts
 from samkit.modeling import Sam
 from samkit.modeling.mask_decoder import DecodedTokens
 from samkit.modeling.transformer import ImageSide
@@ -61,6 +62,7 @@ class SamPredictor:
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.config.image_size)
         self.accelerated = Accelerated(sam_model) if fast else None
+        self._token_graphs = GraphCache(self._run_decode_tokens, max_batch=None, max_graphs=2)
         self.reset_image()
 
     @classmethod
@@ -368,17 +370,25 @@ class SamPredictor:
         mask_input: torch.Tensor | None,
         multimask_output: bool,
     ) -> DecodedTokens:
-        """`_decode` up to the IoU predictions; `_decode_masks` gives the masks of any prompts."""
+        """`_decode` up to the IoU predictions; `_decode_masks` gives the masks of any prompts.
+
+        On CUDA, replayed from a CUDA graph per prompt layout (segment everything decodes
+        batches of the same layout: it is bound by kernel launches otherwise).
+        """
         side = self._prepared(features, mask_input)
+        prompts = (point_coords, point_labels, boxes, mask_input)
+        return self._token_graphs(features, side, prompts, multimask_output)
+
+    def _run_decode_tokens(
+        self,
+        features: torch.Tensor,
+        image_side: ImageSide | None,
+        prompts: tuple[torch.Tensor | None, ...],
+        multimask_output: bool,
+    ) -> DecodedTokens:
         runner = self.model if self.accelerated is None else self.accelerated
         return runner.decode_tokens(
-            features,
-            point_coords,
-            point_labels,
-            boxes,
-            mask_input,
-            multimask_output,
-            image_side=side,
+            features, *prompts, multimask_output=multimask_output, image_side=image_side
         )
 
     def _decode_masks(
@@ -460,13 +470,24 @@ class SamPredictor:
             boxes = boxes.to(self.device)
         if mask_input is not None:
             mask_input = mask_input.to(self.device, self.model.dtype)
+        if self.accelerated is not None:
+            prompts = PromptInputs(point_coords, point_labels, boxes, mask_input)
+            return tuple(
+                self.accelerated.predict(
+                    embedding.features,
+                    self._prepared(embedding.features, mask_input),
+                    prompts,
+                    multimask_output,
+                    embedding.input_size,
+                    embedding.original_size,
+                    return_logits,
+                )
+            )
         low_res, iou = self._decode(
             embedding.features, point_coords, point_labels, boxes, mask_input, multimask_output
         )
-        masks = self.model.postprocess_masks(low_res, embedding.input_size, embedding.original_size)
-        if not return_logits:
-            masks = masks > self.model.mask_threshold
-        return masks, iou, low_res
+        size, original = embedding.input_size, embedding.original_size
+        return tuple(finish_prompts(self.model, low_res, iou, size, original, return_logits))
 
     def _prepare_image(
         self, image: np.ndarray, image_format: str, name: str = "image"

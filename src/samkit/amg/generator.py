@@ -10,7 +10,7 @@ cross to the host once per image.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from samkit.amg.postprocess import remove_small_regions
 from samkit.amg.records import OUTPUT_MODES, MaskRecord, MaskTable, OutputMode, make_records
 from samkit.amg.rle_batch import RleBatch
 from samkit.modeling import PointLabel, Sam
+from samkit.modeling.mask_decoder import DecodedTokens
 from samkit.predictor import SamPredictor
 
 # masks whose box comes this close (pixels) to an inner crop edge are cut off by the crop
@@ -165,30 +166,25 @@ class SamAutomaticMaskGenerator:
         self.predictor.set_image(image[y0:y1, x0:x1, :])
         embedding = self.predictor.get_image_embedding()
         tables = [MaskTable.empty(orig_size, self.model.device)]
+        # batch i+1 is queued on the device before batch i's results are read on the host, so
+        # the device keeps working through the host's filtering (which waits on its results)
+        decoded = None
         for begin in range(0, len(points), self.points_per_batch):
             batch = points[begin : begin + self.points_per_batch]
-            tables.append(
-                self._process_batch(embedding, batch, begin, crop_box, crop_id, orig_size)
-            )
+            decoded, previous = self._decode_batch(embedding, batch, begin), decoded
+            if previous is not None:
+                tables.append(self._process_batch(previous, crop_box, crop_id, orig_size))
+        if decoded is not None:
+            tables.append(self._process_batch(decoded, crop_box, crop_id, orig_size))
         self.predictor.reset_image()
         table = MaskTable.cat(tables)
         # duplicates within the crop
         return table.select(nms(table.boxes.float(), table.iou_preds, self.box_nms_thresh))
 
-    def _process_batch(
-        self,
-        embedding: Tensor,
-        points: np.ndarray,
-        first_point_id: int,
-        crop_box: list[int],
-        crop_id: int,
-        orig_size: tuple[int, int],
-    ) -> MaskTable:
-        """Decode, filter and encode the masks of one batch of points ([B, 2] crop frame)."""
+    def _decode_batch(self, embedding: Tensor, points: np.ndarray, first_point_id: int) -> _Batch:
+        """Queue the decoder on one batch of points ([B, 2] crop frame); no host sync."""
         model, predictor = self.model, self.predictor
         device = model.device
-        orig_h, orig_w = orig_size
-
         # float64 coordinates, as the official passes them (except where the device lacks it)
         coords = predictor.transform.apply_coords(points, predictor.original_size)
         coords = torch.as_tensor(coords, device=device)[:, None, :]  # Bx2 -> Bx1x2
@@ -197,21 +193,38 @@ class SamAutomaticMaskGenerator:
         labels = torch.full(coords.shape[:2], PointLabel.FOREGROUND, dtype=torch.int, device=device)
         # through the predictor's decode hooks, so speed-ups layered there apply here too
         if self.pred_iou_thresh > 0.0:
-            # the IoU filter needs no pixels: upscale only the prompts with a mask passing it
+            # the IoU filter needs no pixels: only prompts with a mask passing it are upscaled
             tokens = predictor._decode_tokens(embedding, coords, labels, None, None, True)
+            return _Batch(first_point_id, tokens=tokens)
+        low_res, iou_preds = predictor._decode(embedding, coords, labels, None, None, True)
+        return _Batch(first_point_id, low_res=low_res, iou_preds=iou_preds)
+
+    def _process_batch(
+        self,
+        decoded: _Batch,
+        crop_box: list[int],
+        crop_id: int,
+        orig_size: tuple[int, int],
+    ) -> MaskTable:
+        """Filter and encode the masks of one decoded batch of points."""
+        model, predictor = self.model, self.predictor
+        device = model.device
+        orig_h, orig_w = orig_size
+        tokens = decoded.tokens
+        if tokens is not None:
             prompts = (tokens.iou_pred > self.pred_iou_thresh).any(1).nonzero().squeeze(1)
             if prompts.shape[0] == 0:
                 return MaskTable.empty(orig_size, device)
             low_res = predictor._decode_masks(tokens, prompts)
             iou_preds = tokens.iou_pred[prompts]
         else:
-            low_res, iou_preds = predictor._decode(embedding, coords, labels, None, None, True)
-            prompts = torch.arange(points.shape[0], device=device)
+            low_res, iou_preds = decoded.low_res, decoded.iou_preds
+            prompts = torch.arange(low_res.shape[0], device=device)
 
         # BxCxhxw -> (B*C)xhxw: mask k of point j is row j*C + k
         n_out = low_res.shape[1]
         low_res, iou_preds = low_res.flatten(0, 1), iou_preds.flatten(0, 1)
-        point_ids = prompts.repeat_interleave(n_out) + first_point_id
+        point_ids = prompts.repeat_interleave(n_out) + decoded.first_point_id
 
         if self.pred_iou_thresh > 0.0:
             keep = (iou_preds > self.pred_iou_thresh).nonzero().squeeze(1)
@@ -291,6 +304,15 @@ class SamAutomaticMaskGenerator:
         )
         scores = torch.tensor(unchanged, dtype=torch.float32, device=device)
         return table.select(nms(table.boxes.float(), scores, nms_thresh))
+
+
+class _Batch(NamedTuple):
+    """One batch of points, decoded: its tokens (IoU filter on) or masks (filter off)."""
+
+    first_point_id: int
+    tokens: DecodedTokens | None = None
+    low_res: Tensor | None = None  # (B, 3, 256, 256) logits
+    iou_preds: Tensor | None = None  # (B, 3)
 
 
 def boxes_and_areas(masks: Tensor) -> tuple[Tensor, Tensor]:

@@ -140,8 +140,9 @@ class PositionEmbeddingRandom(nn.Module):
     ) -> torch.Tensor:
         """Encoding of pixel coordinates (..., 2) xy in an image of size (h, w)."""
         h, w = image_size
-        size = torch.tensor([w, h], device=coords.device, dtype=coords.dtype)
-        return self._pe_encoding(coords / size)
+        # division by Python numbers, not a tensor built from them: no host-to-device copy,
+        # so the prompt path can be captured in a CUDA graph (same values: w, h are exact)
+        return self._pe_encoding(torch.stack([coords[..., 0] / w, coords[..., 1] / h], dim=-1))
 
 
 def _batch_size(
