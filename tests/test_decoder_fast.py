@@ -299,3 +299,47 @@ def test_cpu_prompt_chunks_equal_one_pass(wide):
         got = model.decode(emb[:1], coords, labels, image_side=model.prepare_decode(emb[:1]))
     for g_, w_ in zip(got, want, strict=True):
         assert_close_scaled(g_, w_, rel=REL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_layer_norm_pe_kernel_equals_layer_norm_then_add():
+    from samkit.kernels import layer_norm_pe as kernel
+
+    g = _gen(7)
+    norm = torch.nn.LayerNorm(256).cuda()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(256, generator=g))
+        norm.bias.copy_(torch.randn(256, generator=g))
+    for batch, n in ((3, 4096), (1, 37)):  # 37 rows: a ragged last program
+        x = (torch.randn(batch, n, 256, generator=g) * 4 + 2).cuda()
+        pe = torch.randn(1, n, 256, generator=g).cuda()
+        with torch.inference_mode():
+            assert kernel.supported(x)
+            got = kernel.layer_norm_pe(x, norm, pe)
+            want = kernel.reference(x, norm, pe)
+        for g_, w_ in zip(got, want, strict=True):
+            assert_close_scaled(g_, w_, rel=1e-5)  # fp32, reductions in another order
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("batch", [1, 64])
+def test_factored_transformer_on_cuda_equals_module(wide, batch):
+    """The CUDA-only pieces (matmul attention, split-K products, the LayerNorm kernel)."""
+    model, _ = wide
+    transformer = model.mask_decoder.transformer
+    g = _gen(batch)
+    image = torch.randn(1, 256, 64, 64, generator=g)
+    pe = torch.randn(1, 256, 64, 64, generator=g)
+    points = torch.randn(batch, 7, 256, generator=g)
+    with torch.inference_mode():
+        want = transformer(image, pe, points)
+        cuda = transformer.cuda()
+        try:
+            side = cuda.prepare_image(image.cuda(), pe.cuda())
+            got = cuda.forward_factored(side, pe.cuda(), points.cuda())
+        finally:
+            transformer.cpu()
+    for g_, w_ in zip(got, want, strict=True):
+        assert_close_scaled(g_.cpu(), w_.expand_as(g_), rel=REL)

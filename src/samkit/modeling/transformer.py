@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from samkit.kernels.layer_norm_pe import layer_norm_pe
 from samkit.modeling.attention import AttentionBackend, attention
 from samkit.modeling.common import MLPBlock
 
@@ -105,17 +106,20 @@ class TwoWayTransformer(nn.Module):
                 image = None
         if image is not None:
             keys, key_pe = image.keys, image.key_pe
-        queries = point_embedding
+        queries, keys_pe = point_embedding, None
         for i, layer in enumerate(self.layers):
-            queries, keys = layer.forward_factored(
+            queries, keys, keys_pe = layer.forward_factored(
                 queries,
                 keys,
                 query_pe=point_embedding,
                 key_pe=key_pe,
                 side=image if i == 0 else None,
+                keys_pe=keys_pe,
             )
+        if keys_pe is None:
+            keys_pe = keys + key_pe
         attn_out = token_to_image(
-            self.final_attn_token_to_image, queries + point_embedding, keys + key_pe, keys
+            self.final_attn_token_to_image, queries + point_embedding, keys_pe, keys
         )
         return self.norm_final_attn(queries + attn_out), keys
 
@@ -185,8 +189,10 @@ class TwoWayAttentionBlock(nn.Module):
         query_pe: torch.Tensor,
         key_pe: torch.Tensor,
         side: ImageSide | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`forward` with the factored image side; `side`: this (first) layer's prepared image."""
+        keys_pe: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward` with the factored image side; `side`: this (first) layer's prepared image,
+        `keys_pe`: keys + key_pe if known. Returns queries, keys and keys + key_pe."""
         queries = self._token_self_attention(queries, query_pe)
 
         q = queries + query_pe
@@ -195,7 +201,8 @@ class TwoWayAttentionBlock(nn.Module):
                 self.cross_attn_token_to_image, q, side.t2i_k, side.t2i_v
             )
         else:
-            keys_pe = keys + key_pe  # also the image->token queries below (keys are unchanged)
+            if keys_pe is None:  # also the image->token queries below (keys are unchanged)
+                keys_pe = keys + key_pe
             attn_out = token_to_image(self.cross_attn_token_to_image, q, keys_pe, keys)
         queries = self.norm2(queries + attn_out)
 
@@ -207,7 +214,8 @@ class TwoWayAttentionBlock(nn.Module):
             keys = image_to_token(attn, side.i2t_q, q, queries, projected=True, residual=keys)
         else:
             keys = image_to_token(attn, keys_pe, q, queries, residual=keys)
-        return queries, self.norm4(keys)
+        # the next attention needs the keys with and without their PE: one pass for both
+        return queries, *layer_norm_pe(keys, self.norm4, key_pe)
 
 
 class Attention(nn.Module):
