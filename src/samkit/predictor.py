@@ -359,23 +359,26 @@ class SamPredictor:
         boxes: torch.Tensor | None,
         mask_input: torch.Tensor | None,
         multimask_output: bool,
+        *,
+        image_side: ImageSide | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """B prompts in the input frame -> low-res logits (B, C, 256, 256), IoU (B, C)."""
-        side = self._prepared(features, mask_input)
-        return self._decoder(
+        """B prompts in the input frame -> low-res logits (B, C, 256, 256), IoU (B, C).
+
+        image_side: `_prepared(features, mask_input)` where the caller has it (inside a CUDA
+        graph `features` is a static copy, which the per-image cache does not know).
+        """
+        if image_side is None:
+            image_side = self._prepared(features, mask_input)
+        decode = self.model.decode if self.accelerated is None else self.accelerated.decode
+        return decode(
             features,
             point_coords,
             point_labels,
             boxes,
             mask_input,
             multimask_output,
-            image_side=side,
+            image_side=image_side,
         )
-
-    @property
-    def _decoder(self):
-        """`Sam.decode`, or its replacement with the same signature in the fast path."""
-        return self.model.decode if self.accelerated is None else self.accelerated.decode
 
     def _decode_tokens(
         self,
@@ -501,8 +504,8 @@ class SamPredictor:
     def _run_prompts(
         self, features: torch.Tensor, image_side: ImageSide | None, prompts: PromptInputs, *args
     ) -> PromptOutputs:
-        """`graphs.run_prompts` through this predictor's decoder (what `_decode` runs)."""
-        return run_prompts(self.model, features, image_side, prompts, *args, decode=self._decoder)
+        """`graphs.run_prompts` through this predictor's `_decode`."""
+        return run_prompts(self.model, features, image_side, prompts, *args, decode=self._decode)
 
     def _prepare_image(
         self, image: np.ndarray, image_format: str, name: str = "image"
