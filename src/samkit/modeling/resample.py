@@ -1,11 +1,13 @@
-"""Mask postprocessing on the CPU as two banded matmuls, one per axis.
+"""Mask postprocessing on the CPU as two weighted row gathers, one per axis.
 
 `Sam.postprocess_masks` is defined as: bilinear (align_corners=False) from the low-res logits to
 the padded input side, crop to the resized image, bilinear to the original size. Along each axis
 that is a linear map, and the composition of the two maps is one (out x low-res) matrix with at
-most 3 nonzeros per row, all on a band. Applied separably (the width first, on the few low-res
-rows the crop keeps; then the height, which writes the full-size output once), it costs a
-fraction of the two resamplings, whose second step reads a 1024-wide intermediate.
+most 3 neighbouring nonzeros per row. Applied separably (the width first, on the few low-res
+rows the crop keeps; then the height, which writes the full-size output once), each output row
+is a weighted sum of 3 source rows: `F.embedding_bag` with per-sample weights computes exactly
+that in one pass (its CPU kernel is a vectorized gather-and-accumulate), a fraction of the two
+resamplings, whose second step reads a 1024-wide intermediate.
 
 The weights follow torch's bilinear kernels: source position (dst + 0.5) * ratio - 0.5 clamped
 at 0, in fp32 (rounded once, as the kernels' fused multiply-add does), and lambdas in fp32. They
@@ -19,21 +21,15 @@ import functools
 from typing import NamedTuple
 
 import torch
-
-# rows (or columns) of output per block of the banded product; each block reads the few
-# source rows its band covers. Measured on a 2-core CPU at 1000x1500: 16-row blocks for the
-# height pass, 64-column blocks for the width pass.
-HEIGHT_BLOCK = 16
-WIDTH_BLOCK = 64
+import torch.nn.functional as F
 
 
-class BandedMap(NamedTuple):
-    """A (n_out x n_in) matrix whose rows' nonzeros lie on a band, in blocks of output rows:
-    out[b * block + i] = sum_j weights[b, i, j] * x[index[b, j]]."""
+class Taps(NamedTuple):
+    """A (n_out x n_in) matrix with k neighbouring nonzeros per row at most:
+    out[i] = sum_j weights[i, j] * x[index[i, j]]."""
 
-    index: torch.Tensor  # (blocks, k) long: the k source positions block b reads
-    weights: torch.Tensor  # (blocks, block, k) float32, rows past n_out are zero
-    n_out: int
+    index: torch.Tensor  # (n_out, k) long, increasing along each row
+    weights: torch.Tensor  # (n_out, k) float32 (zero where a row has fewer taps)
     used: int  # source positions 0..used-1 are all any output reads
 
 
@@ -67,25 +63,17 @@ def postprocess_axis(low: int, size: int, keep: int, out: int) -> torch.Tensor:
     return second @ first
 
 
-def banded(matrix: torch.Tensor, block: int) -> BandedMap:
-    """Blocks of `block` rows of a banded fp64 matrix, each with the source range it reads."""
+def taps(matrix: torch.Tensor) -> Taps:
+    """The nonzeros of a banded fp64 (n_out, n_in) matrix as k taps per row."""
     n_out, n_in = matrix.shape
     nonzero = matrix != 0
     cols = torch.arange(n_in).expand(n_out, -1)
     first = torch.where(nonzero, cols, n_in).amin(1)
     last = torch.where(nonzero, cols, -1).amax(1)
     used = int(last.max()) + 1
-    blocks = -(-n_out // block)
-    padded = torch.cat([matrix[:, :used], matrix.new_zeros(blocks * block - n_out, used)])
-    first = torch.cat([first, first.new_full((blocks * block - n_out,), n_in)])
-    last = torch.cat([last, last.new_full((blocks * block - n_out,), -1)])
-    starts = first.view(blocks, block).amin(1)
-    k = int((last.view(blocks, block).amax(1) - starts).max()) + 1
-    starts = starts.clamp(max=used - k)  # a full-width window inside 0..used-1
-    index = starts[:, None] + torch.arange(k)  # blocks x k
-    rows = padded.view(blocks, block, used)
-    weights = torch.gather(rows, 2, index[:, None, :].expand(-1, block, -1))
-    return BandedMap(index, weights.float(), n_out, used)
+    k = int((last - first).max()) + 1
+    index = first.clamp(max=used - k)[:, None] + torch.arange(k)  # a full window in 0..used-1
+    return Taps(index, torch.gather(matrix, 1, index).float(), used)
 
 
 @functools.lru_cache(maxsize=16)
@@ -94,36 +82,31 @@ def postprocess_maps(
     image_size: int,
     input_size: tuple[int, int],
     original_size: tuple[int, int],
-) -> tuple[BandedMap, BandedMap]:
-    """(height, width) banded maps of Sam.postprocess_masks for these sizes, cached."""
+) -> tuple[Taps, Taps]:
+    """(height, width) taps of Sam.postprocess_masks for these sizes, cached."""
     height = postprocess_axis(low_size[0], image_size, input_size[0], original_size[0])
     width = postprocess_axis(low_size[1], image_size, input_size[1], original_size[1])
-    return banded(height, HEIGHT_BLOCK), banded(width, WIDTH_BLOCK)
+    return taps(height), taps(width)
 
 
-def resample_separable(masks: torch.Tensor, height: BandedMap, width: BandedMap) -> torch.Tensor:
+def resample_separable(masks: torch.Tensor, height: Taps, width: Taps) -> torch.Tensor:
     """(N, h, w) float32 -> (N, H, W): the width map on the rows the height map reads, then
-    the height map."""
-    n = masks.shape[0]
-    rows = height.used
-    x = masks[:, :rows]  # N x r x w
-    # width: block b of output columns reads the k columns index[b]
-    blocks, k = width.index.shape
-    gathered = x.index_select(2, width.index.flatten()).view(n * rows, blocks, k)
-    y = torch.bmm(gathered.transpose(0, 1), width.weights.transpose(1, 2))  # blocks x (N r) x bw
-    y = y.transpose(0, 1).reshape(n, rows, -1)[:, :, : width.n_out].contiguous()  # N x r x W
-    # height: block b of output rows reads the k rows index[b]; each mask's output is written
-    # in place, full blocks in one batched product and the last, partial one after it
-    blocks, block, k = height.weights.shape
-    out_h, out_w = height.n_out, width.n_out
-    gathered = y.index_select(1, height.index.flatten()).view(n, blocks, k, out_w)
-    out = masks.new_empty(n, out_h, out_w)
-    full = out_h // block
-    for i in range(n):
-        if full:
-            target = out[i, : full * block].view(full, block, out_w)
-            torch.bmm(height.weights[:full], gathered[i, :full], out=target)
-        if full < blocks:
-            tail = out_h - full * block
-            torch.mm(height.weights[full, :tail], gathered[i, full], out=out[i, full * block :])
-    return out
+    the height map; each pass gathers rows (the width pass on the transposed low-res masks)."""
+    cols = masks[:, : height.used].transpose(1, 2).contiguous()  # N x w x r: the columns as rows
+    y = _gather_rows(cols, width)  # N x W x r
+    y = y.transpose(1, 2).contiguous()  # N x r x W
+    return _gather_rows(y, height)  # N x H x W
+
+
+def _gather_rows(x: torch.Tensor, taps: Taps) -> torch.Tensor:
+    """(N, n_in, C) -> (N, n_out, C): out[:, i] = sum_j weights[i, j] x[:, index[i, j]]."""
+    n, n_in, c = x.shape
+    n_out = taps.index.shape[0]
+    index = taps.index + n_in * torch.arange(n)[:, None, None]  # rows of mask m: m n_in + i
+    out = F.embedding_bag(
+        index.view(n * n_out, -1),
+        x.reshape(n * n_in, c),
+        mode="sum",
+        per_sample_weights=taps.weights.repeat(n, 1),
+    )
+    return out.view(n, n_out, c)
