@@ -163,13 +163,16 @@ class Sam(nn.Module):
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
         if mask_input is not None or not decoder.factored:
             image_side = None
-        # the dense positional encoding is part of a prepared image side
+        # the dense positional encoding, the embedding and the (no-mask) dense embedding are
+        # part of a prepared image side: not cast (a copy of 64x64x256 each per prompt)
         image_pe = None if image_side is not None else self.prompt_encoder.get_dense_pe()
+        if image_side is None:
+            image_embeddings, dense = image_embeddings.to(dtype), dense.to(dtype)
         return decoder.decode_tokens(
-            image_embeddings.to(dtype),
+            image_embeddings,
             None if image_pe is None else image_pe.to(dtype),
             sparse.to(dtype),
-            dense.to(dtype),
+            dense,
             multimask_output,
             image_side=image_side,
         )
