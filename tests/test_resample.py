@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from samkit.modeling.resample import (
     bilinear_matrix,
+    column_blocks,
     postprocess_axis,
     postprocess_maps,
     resample_separable,
@@ -93,6 +94,20 @@ def test_taps_reproduce_the_matrix():
         torch.testing.assert_close(dense, matrix, rtol=0, atol=1e-7)
         assert got.used == int((matrix != 0).any(0).nonzero().max()) + 1
         assert got.index.shape[1] <= 3
+
+
+@pytest.mark.parametrize("out, block", [(1500, 64), (1499, 64), (15, 64), (64, 64), (65, 64)])
+def test_column_blocks_reproduce_the_matrix(out, block):
+    """Blocks start every `block` columns, the last one ends at the last column."""
+    matrix = postprocess_axis(256, 1024, 683, out)
+    blocks = column_blocks(matrix, block)
+    width = min(block, out)
+    dense = torch.zeros_like(matrix)
+    starts = [*range(0, out - width, width), out - width]
+    assert len(starts) == blocks.weights.shape[0]
+    for start, cols, weights in zip(starts, blocks.index, blocks.weights, strict=True):
+        dense[start : start + width, cols] = weights.T.double()
+    torch.testing.assert_close(dense, matrix, rtol=0, atol=1e-7)
 
 
 def test_postprocess_masks_uses_it_on_cpu_fp32():
