@@ -120,3 +120,14 @@ def test_postprocess_masks_uses_it_on_cpu_fp32():
     want = two_step(masks.flatten(0, 1), TINY.image_size, (107, 160), (1000, 1500))
     assert got.shape == (2, 3, 1000, 1500) and got.is_contiguous()
     assert_close_scaled(got, want.view(2, 3, 1000, 1500), rel=REL)
+
+
+def test_maps_cached_under_inference_mode_work_with_autograd():
+    """The predictor fills the cache under inference_mode; training code reuses it."""
+    masks = torch.randn(2, 40, 40, requires_grad=True)
+    with torch.inference_mode():
+        maps = postprocess_maps((40, 40), 160, (107, 160), (31, 45))
+        resample_separable(masks.detach(), *maps)
+    out = resample_separable(masks, *postprocess_maps((40, 40), 160, (107, 160), (31, 45)))
+    out.sum().backward()
+    assert masks.grad is not None and torch.isfinite(masks.grad).all()

@@ -242,6 +242,7 @@ class MaskDecoder(nn.Module):
 
 
 @functools.lru_cache(maxsize=8)
+@torch.inference_mode(False)  # cached: usable later in autograd too
 def _shuffle_index(h: int, w: int, k: int, tokens_first: bool) -> torch.Tensor:
     """For one prompt's masks in `_upscaled_masks`' row order, flattened: the position of each
     pixel of the K x 4h x 4w output (the pixel shuffle as a gather on the CPU)."""

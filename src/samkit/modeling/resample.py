@@ -107,6 +107,7 @@ def column_blocks(matrix: torch.Tensor, block: int = WIDTH_BLOCK) -> ColumnBlock
 
 
 @functools.lru_cache(maxsize=16)
+@torch.inference_mode(False)  # cached: usable later in autograd too
 def postprocess_maps(
     low_size: tuple[int, int],
     image_size: int,
