@@ -166,8 +166,9 @@ class MaskDecoder(nn.Module):
             keep = slice(None)
         else:
             keep = slice(1, None) if multimask_output else slice(0, 1)
+        iou_pred = self.iou_prediction_head(hs[:, 0].to(_dtype(self.iou_prediction_head)))
         return DecodedTokens(
-            iou_pred=self.iou_prediction_head(hs[:, 0])[:, keep],
+            iou_pred=iou_pred[:, keep],
             mask_tokens=hs[:, 1 : 1 + self.num_mask_tokens][:, keep],
             image_tokens=src,
             mask_ids=range(self.num_mask_tokens)[keep],
@@ -184,13 +185,16 @@ class MaskDecoder(nn.Module):
             mask_tokens = mask_tokens[prompts]
             if image_tokens.shape[0] > 1:
                 image_tokens = image_tokens[prompts]
+        # the heads may run in another dtype than the rest (samkit.fast: fp32 heads on a bf16
+        # decoder copy on the CPU, where one-row bf16 matmuls are slow)
+        mask_tokens = mask_tokens.to(_dtype(self.output_hypernetworks_mlps))
         hyper_in = torch.stack(
             [
                 self.output_hypernetworks_mlps[m](mask_tokens[:, i])
                 for i, m in enumerate(tokens.mask_ids)
             ],
             dim=1,
-        )  # BxKx(C/8)
+        ).to(image_tokens.dtype)  # BxKx(C/8)
         h, w = tokens.size
         if self.gemm_upscaling:
             if image_tokens.device.type != "cpu" or image_tokens.shape[0] == 1:
@@ -239,6 +243,10 @@ class MaskDecoder(nn.Module):
         else:
             masks = masks.view(-1, k, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
         return masks.reshape(batch, k, 4 * h, 4 * w)
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
 
 
 @functools.lru_cache(maxsize=8)
