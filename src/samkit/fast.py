@@ -83,6 +83,10 @@ class Accelerated:
         self._low_decoder = None
         if self.plan.decoder_dtype != torch.float32:
             self._low_decoder = copy.deepcopy(model.mask_decoder).to(self.plan.decoder_dtype)
+            # the IoU head and hypernetworks see one token per prompt: fp32 matmuls of one row
+            # run ~3x faster than bf16 ones on the CPU (0.40 -> 0.18 ms per prompt)
+            self._low_decoder.iou_prediction_head.float()
+            self._low_decoder.output_hypernetworks_mlps.float()
 
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
         """Normalised, padded (B, 3, S, S) -> fp32 embeddings (B, C, 64, 64)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -165,8 +166,9 @@ class MaskDecoder(nn.Module):
             keep = slice(None)
         else:
             keep = slice(1, None) if multimask_output else slice(0, 1)
+        iou_pred = self.iou_prediction_head(hs[:, 0].to(_dtype(self.iou_prediction_head)))
         return DecodedTokens(
-            iou_pred=self.iou_prediction_head(hs[:, 0])[:, keep],
+            iou_pred=iou_pred[:, keep],
             mask_tokens=hs[:, 1 : 1 + self.num_mask_tokens][:, keep],
             image_tokens=src,
             mask_ids=range(self.num_mask_tokens)[keep],
@@ -183,13 +185,16 @@ class MaskDecoder(nn.Module):
             mask_tokens = mask_tokens[prompts]
             if image_tokens.shape[0] > 1:
                 image_tokens = image_tokens[prompts]
+        # the heads may run in another dtype than the rest (samkit.fast: fp32 heads on a bf16
+        # decoder copy on the CPU, where one-row bf16 matmuls are slow)
+        mask_tokens = mask_tokens.to(_dtype(self.output_hypernetworks_mlps))
         hyper_in = torch.stack(
             [
                 self.output_hypernetworks_mlps[m](mask_tokens[:, i])
                 for i, m in enumerate(tokens.mask_ids)
             ],
             dim=1,
-        )  # BxKx(C/8)
+        ).to(image_tokens.dtype)  # BxKx(C/8)
         h, w = tokens.size
         if self.gemm_upscaling:
             if image_tokens.device.type != "cpu" or image_tokens.shape[0] == 1:
@@ -225,13 +230,35 @@ class MaskDecoder(nn.Module):
         x = act2(x).view(batch, hw * 16, c2)  # B x (hw 2 2 2 2) x C2
         # (i, j, a, b, a', b') -> row 4i + 2a + a', column 4j + 2b + b'
         batch, k = hyper_in.shape[:2]  # image tokens may be one image for all B
-        if x.dtype == torch.bfloat16:  # the CPU's bf16 matmul wants the long side first
-            masks = (x @ hyper_in.transpose(1, 2)).view(-1, h, w, 2, 2, 2, 2, k)
-            masks = masks.permute(0, 7, 1, 3, 5, 2, 4, 6)
+        # the CPU's bf16 matmul wants the long side first: B x (hw 2 2 2 2) x K, else B x K x ...
+        tokens_first = x.dtype == torch.bfloat16
+        masks = x @ hyper_in.transpose(1, 2) if tokens_first else hyper_in @ x.transpose(1, 2)
+        if masks.device.type == "cpu":
+            # a permuting copy with 2-wide inner dims runs ~7x slower here than a gather (and
+            # index_select along dim 1, 3x on 2 threads)
+            index = _shuffle_index(h, w, k, tokens_first).expand(masks.shape[0], -1)
+            return masks.view(masks.shape[0], -1).gather(1, index).view(-1, k, 4 * h, 4 * w)
+        if tokens_first:
+            masks = masks.view(-1, h, w, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6)
         else:
-            masks = (hyper_in @ x.transpose(1, 2)).view(-1, k, h, w, 2, 2, 2, 2)
-            masks = masks.permute(0, 1, 2, 4, 6, 3, 5, 7)
+            masks = masks.view(-1, k, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
         return masks.reshape(batch, k, 4 * h, 4 * w)
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+@functools.lru_cache(maxsize=8)
+@torch.inference_mode(False)  # cached: usable later in autograd too
+def _shuffle_index(h: int, w: int, k: int, tokens_first: bool) -> torch.Tensor:
+    """For one prompt's masks in `_upscaled_masks`' row order, flattened: the position of each
+    pixel of the K x 4h x 4w output (the pixel shuffle as a gather on the CPU)."""
+    if tokens_first:  # (i, j, a, b, a', b', k)
+        order = torch.arange(16 * h * w * k).view(h, w, 2, 2, 2, 2, k).permute(6, 0, 2, 4, 1, 3, 5)
+    else:  # (k, i, j, a, b, a', b')
+        order = torch.arange(16 * h * w * k).view(k, h, w, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
+    return order.flatten()
 
 
 class DecodedTokens(NamedTuple):

@@ -77,12 +77,19 @@ class TwoWayTransformer(nn.Module):
         layer = self.layers[0]
         t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
         keys_pe = keys + key_pe
+
+        def heads(x: torch.Tensor, count: int) -> torch.Tensor:
+            # on the CPU each prompt's products would copy the strided heads (3 x 0.2 ms):
+            # copy them once per image instead
+            x = _split(x, count)
+            return x if x.is_cuda else x.contiguous()
+
         return ImageSide(
             keys=keys,
             key_pe=key_pe,
-            t2i_k=_split(t2i.k_proj(keys_pe), t2i.num_heads),
-            t2i_v=_split(t2i.v_proj(keys), t2i.num_heads),
-            i2t_q=_split(i2t.q_proj(keys_pe), i2t.num_heads),
+            t2i_k=heads(t2i.k_proj(keys_pe), t2i.num_heads),
+            t2i_v=heads(t2i.v_proj(keys), t2i.num_heads),
+            i2t_q=heads(i2t.q_proj(keys_pe), i2t.num_heads),
         )
 
     def forward_factored(
