@@ -42,7 +42,9 @@ def disk_decoder(model):
     gy, gx = torch.meshgrid(centres, centres, indexing="ij")
     texture = 1.5 * torch.sin(gx * 0.35) * torch.cos(gy * 0.4)
 
-    def decode(features, point_coords, point_labels, boxes, mask_input, multimask_output):
+    def decode(
+        features, point_coords, point_labels, boxes, mask_input, multimask_output, image_side=None
+    ):
         xy = point_coords[:, 0].cpu().to(torch.float32)  # Bx2, model input frame
         x, y = xy[:, 0, None, None], xy[:, 1, None, None]
         dist = torch.sqrt((gx - x) ** 2 + (gy - y) ** 2)  # Bxmxm

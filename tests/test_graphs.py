@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-from samkit.graphs import MAX_GRAPH_BATCH, PromptInputs, prompt_graphs, run_prompts
+from samkit.graphs import MAX_GRAPH_BATCH, MAX_GRAPHS, GraphCache, PromptInputs, run_prompts
 from samkit.predictor import SamPredictor
 
 from images import photo
 from reference import TINY, random_sam
 
 INPUT_SIZE, ORIGINAL_SIZE = (120, 160), (90, 120)  # TINY: 160 input, 10x10 map
+
+
+def prompt_graphs(model):
+    return GraphCache(
+        functools.partial(run_prompts, model), max_batch=MAX_GRAPH_BATCH, max_graphs=MAX_GRAPHS
+    )
 
 
 def _points(batch, device, seed=0):

@@ -2,9 +2,9 @@
 
 Nothing here changes the model's definition. `fast=True` on a predictor means, on CUDA: the
 image encoder in bf16 with the rel-pos bias computed inside flash-attention kernels, compiled;
-the prompt path (prompt encoder, mask decoder in fp32, resizing to the image) replayed as CUDA
-graphs (samkit.graphs); the image resized and normalised on the GPU. On the CPU it means the
-measured best CPU plan (benchmarks/README.md).
+the prompt encoder and mask decoder in fp32; the image resized and normalised on the GPU. On
+the CPU it means the measured best CPU plan (benchmarks/README.md). (Every CUDA predictor, fast
+or not, replays its prompt path as CUDA graphs: samkit.graphs.)
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from samkit.graphs import PromptInputs, PromptOutputs, prompt_graphs, run_prompts
 from samkit.modeling import Sam
 from samkit.modeling.attention import AttentionBackend
-from samkit.modeling.transformer import ImageSide
 from samkit.transforms import get_preprocess_shape
 
 
@@ -29,7 +27,6 @@ class SpeedPlan:
     dtype: torch.dtype = torch.float32  # of the image encoder
     attention: AttentionBackend = "sdpa"
     compile_mode: str | None = None  # torch.compile mode for the image encoder; None = eager
-    graph_decoder: bool = False  # replay the prompt path as CUDA graphs (samkit.graphs)
     resize_on_device: bool = False  # resize/normalise on the device instead of with PIL
     gelu_epilogue: bool = False  # encoder MLP GELU (tanh approximation) in the GEMM epilogue
     decoder_dtype: torch.dtype = torch.float32  # of a mask decoder copy (eager, not graphed)
@@ -48,7 +45,6 @@ def fast_plan(device: torch.device) -> SpeedPlan:
             # CUDA graphs: vit_b batch 1 157 -> 300 img/s on an H100 (launch gaps gone), batch 8
             # unchanged; max-autotune: +~5-9%, but minutes of autotuning
             compile_mode="reduce-overhead",
-            graph_decoder=True,
             resize_on_device=True,
             gelu_epilogue=True,
         )
@@ -82,8 +78,6 @@ class Accelerated:
         self._encoder = model.image_encoder
         if self.plan.compile_mode:
             self._encoder = compile_encoder(self._encoder, self.plan.compile_mode)
-        # the whole prompt path (prompt encoder, decoder, resizing to the image) as CUDA graphs
-        self.prompts = prompt_graphs(model) if self.plan.graph_decoder else None
         # a snapshot of the mask decoder in decoder_dtype: weights loaded into the model later
         # do not reach it (as with the converted encoder, give each model its own predictor)
         self._low_decoder = None
@@ -103,22 +97,6 @@ class Accelerated:
             tokens = self.decode_tokens(*args, **kwargs)
             return self.decode_masks(tokens), tokens.iou_pred
         return self.model.decode(*args, **kwargs)
-
-    def predict(
-        self,
-        features: torch.Tensor,
-        image_side: ImageSide | None,
-        prompts: PromptInputs,
-        multimask_output: bool,
-        input_size: tuple[int, int],
-        original_size: tuple[int, int],
-        return_logits: bool,
-    ) -> PromptOutputs:
-        """Prompts -> masks at the original size (`graphs.run_prompts`), graphed on CUDA."""
-        args = (multimask_output, input_size, original_size, return_logits)
-        if self.prompts is not None and self._low_decoder is None:
-            return self.prompts(features, image_side, prompts, *args)
-        return run_prompts(self.model, features, image_side, prompts, *args, decode=self.decode)
 
     def prepare_decode(self, features: torch.Tensor):
         """`Sam.prepare_decode` for the decoder that `decode` runs."""

@@ -2,9 +2,10 @@
 
 One prompt costs the GPU well under a millisecond of work spread over ~100 small kernels; eager
 PyTorch spends longer than that launching them. A CUDA graph records the launches once and
-replays them with one call, so a call costs one replay plus a few copies. Two users: the fast
-predictor's whole prompt path (points or a box to masks at the original size, `run_prompts`),
-and the predictor's `_decode_tokens`, which segment everything calls for every batch of points
+replays them with one call, so a call costs one replay plus a few copies. Two users, in every
+CUDA predictor (fast or not: a replay computes exactly what the eager path computes): the
+prompt path of `predict`/`predict_torch` (points or a box to masks at the original size,
+`run_prompts`), and `_decode_tokens`, which segment everything calls for every batch of points
 (eagerly, the host's launches take longer than the GPU's work on 64 prompts).
 
 A graph reads and writes fixed ("static") tensors. The image side (embedding and the decoder's
@@ -17,7 +18,6 @@ the same kernels on the same values as the eager path: the results are identical
 
 from __future__ import annotations
 
-import functools
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple
@@ -72,18 +72,6 @@ def run_prompts(
     low_res, iou = decode(
         features, *prompts, multimask_output=multimask_output, image_side=image_side
     )
-    return finish_prompts(model, low_res, iou, input_size, original_size, return_logits)
-
-
-def finish_prompts(
-    model: Sam,
-    low_res: torch.Tensor,
-    iou: torch.Tensor,
-    input_size: tuple[int, int],
-    original_size: tuple[int, int],
-    return_logits: bool,
-) -> PromptOutputs:
-    """Low-res logits -> logits or masks at the original size, with the other outputs."""
     masks = model.postprocess_masks(low_res, input_size, original_size)
     if not return_logits:
         masks = masks > model.mask_threshold
@@ -186,14 +174,6 @@ class GraphCache:
         with torch.cuda.graph(graph):
             outputs = step()
         return _Graph(graph, inputs, outputs)
-
-
-def prompt_graphs(model: Sam) -> GraphCache:
-    """`run_prompts` on `model` (features, image_side, PromptInputs, multimask_output,
-    input_size, original_size, return_logits), graphed for up to MAX_GRAPH_BATCH prompts."""
-    return GraphCache(
-        functools.partial(run_prompts, model), max_batch=MAX_GRAPH_BATCH, max_graphs=MAX_GRAPHS
-    )
 
 
 def _cloned(x):

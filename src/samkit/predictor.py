@@ -25,7 +25,14 @@ from samkit import embedding as embedding_files
 from samkit.build import load_sam
 from samkit.embedding import ImageEmbedding, image_digest
 from samkit.fast import Accelerated
-from samkit.graphs import GraphCache, PromptInputs, finish_prompts
+from samkit.graphs import (
+    MAX_GRAPH_BATCH,
+    MAX_GRAPHS,
+    GraphCache,
+    PromptInputs,
+    PromptOutputs,
+    run_prompts,
+)
 from samkit.modeling import Sam
 from samkit.modeling.mask_decoder import DecodedTokens
 from samkit.modeling.transformer import ImageSide
@@ -62,6 +69,11 @@ class SamPredictor:
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.config.image_size)
         self.accelerated = Accelerated(sam_model) if fast else None
+        # on CUDA, prompts are decoded by replaying CUDA graphs (samkit.graphs): the same
+        # kernels on the same values, without the launch overheads that dominate otherwise
+        self._prompt_graphs = GraphCache(
+            self._run_prompts, max_batch=MAX_GRAPH_BATCH, max_graphs=MAX_GRAPHS
+        )
         self._token_graphs = GraphCache(self._run_decode_tokens, max_batch=None, max_graphs=2)
         self.reset_image()
 
@@ -347,10 +359,17 @@ class SamPredictor:
         boxes: torch.Tensor | None,
         mask_input: torch.Tensor | None,
         multimask_output: bool,
+        *,
+        image_side: ImageSide | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """B prompts in the input frame -> low-res logits (B, C, 256, 256), IoU (B, C)."""
+        """B prompts in the input frame -> low-res logits (B, C, 256, 256), IoU (B, C).
+
+        image_side: `_prepared(features, mask_input)` where the caller has it (inside a CUDA
+        graph `features` is a static copy, which the per-image cache does not know).
+        """
+        if image_side is None:
+            image_side = self._prepared(features, mask_input)
         decode = self.model.decode if self.accelerated is None else self.accelerated.decode
-        side = self._prepared(features, mask_input)
         return decode(
             features,
             point_coords,
@@ -358,7 +377,7 @@ class SamPredictor:
             boxes,
             mask_input,
             multimask_output,
-            image_side=side,
+            image_side=image_side,
         )
 
     def _decode_tokens(
@@ -470,24 +489,23 @@ class SamPredictor:
             boxes = boxes.to(self.device)
         if mask_input is not None:
             mask_input = mask_input.to(self.device, self.model.dtype)
-        if self.accelerated is not None:
-            prompts = PromptInputs(point_coords, point_labels, boxes, mask_input)
-            return tuple(
-                self.accelerated.predict(
-                    embedding.features,
-                    self._prepared(embedding.features, mask_input),
-                    prompts,
-                    multimask_output,
-                    embedding.input_size,
-                    embedding.original_size,
-                    return_logits,
-                )
-            )
-        low_res, iou = self._decode(
-            embedding.features, point_coords, point_labels, boxes, mask_input, multimask_output
+        features = embedding.features
+        outputs = self._prompt_graphs(
+            features,
+            self._prepared(features, mask_input),
+            PromptInputs(point_coords, point_labels, boxes, mask_input),
+            multimask_output,
+            embedding.input_size,
+            embedding.original_size,
+            return_logits,
         )
-        size, original = embedding.input_size, embedding.original_size
-        return tuple(finish_prompts(self.model, low_res, iou, size, original, return_logits))
+        return tuple(outputs)
+
+    def _run_prompts(
+        self, features: torch.Tensor, image_side: ImageSide | None, prompts: PromptInputs, *args
+    ) -> PromptOutputs:
+        """`graphs.run_prompts` through this predictor's `_decode`."""
+        return run_prompts(self.model, features, image_side, prompts, *args, decode=self._decode)
 
     def _prepare_image(
         self, image: np.ndarray, image_format: str, name: str = "image"
