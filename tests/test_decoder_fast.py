@@ -14,6 +14,7 @@ internal dims) so it mostly falls back to the modules; WIDE has SAM's real decod
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -347,3 +348,16 @@ def test_factored_transformer_on_cuda_equals_module(wide, batch):
             transformer.cpu()
     for g_, w_ in zip(got, want, strict=True):
         assert_close_scaled(g_.cpu(), w_.expand_as(g_), rel=REL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_masks_of_no_prompts(wide, dtype):
+    """Segment everything may keep no prompt of a batch: masks of none are (0, K, 4h, 4w)."""
+    model, emb = wide
+    decoder = copy.deepcopy(model.mask_decoder).to(dtype)
+    with torch.no_grad():
+        points = torch.rand(2, 1, 2) * WIDE.image_size, torch.ones(2, 1, dtype=torch.int)
+        tokens = model.decode_tokens(emb[:1], *points, mask_decoder=decoder)
+        masks = decoder.decode_masks(tokens, torch.zeros(0, dtype=torch.long))
+    h, w = emb.shape[-2:]
+    assert masks.shape == (0, 3, 4 * h, 4 * w)

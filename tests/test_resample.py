@@ -122,6 +122,14 @@ def test_postprocess_masks_uses_it_on_cpu_fp32():
     assert_close_scaled(got, want.view(2, 3, 1000, 1500), rel=REL)
 
 
+def test_empty_batch():
+    """Segment everything may keep no mask of a batch."""
+    from reference import TINY, random_sam
+
+    got = random_sam(TINY).postprocess_masks(torch.randn(0, 3, 40, 40), (107, 160), (31, 45))
+    assert got.shape == (0, 3, 31, 45)
+
+
 def test_maps_cached_under_inference_mode_work_with_autograd():
     """The predictor fills the cache under inference_mode; training code reuses it."""
     masks = torch.randn(2, 40, 40, requires_grad=True)

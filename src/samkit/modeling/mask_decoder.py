@@ -237,7 +237,8 @@ class MaskDecoder(nn.Module):
             # a permuting copy with 2-wide inner dims runs ~7x slower here than a gather (and
             # index_select along dim 1, 3x on 2 threads)
             index = _shuffle_index(h, w, k, tokens_first).expand(masks.shape[0], -1)
-            return masks.view(masks.shape[0], -1).gather(1, index).view(-1, k, 4 * h, 4 * w)
+            masks = masks.view(masks.shape[0], index.shape[1]).gather(1, index)
+            return masks.view(masks.shape[0], k, 4 * h, 4 * w)
         if tokens_first:
             masks = masks.view(-1, h, w, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6)
         else:

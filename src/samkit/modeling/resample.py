@@ -124,7 +124,7 @@ def resample_separable(masks: torch.Tensor, height: Taps, width: ColumnBlocks) -
     """(N, h, w) float32 -> (N, H, W): the width map on the rows the height map reads, then
     the height map."""
     n, rows = masks.shape[0], height.used
-    x = masks[:, :rows].reshape(n * rows, -1)  # (N r) x w
+    x = masks[:, :rows].reshape(n * rows, masks.shape[-1])  # (N r) x w
     blocks, k, block = width.weights.shape
     gathered = x.index_select(1, width.index.flatten()).view(n * rows, blocks, k)
     y = torch.bmm(gathered.transpose(0, 1), width.weights)  # blocks x (N r) x block
@@ -133,7 +133,7 @@ def resample_separable(masks: torch.Tensor, height: Taps, width: ColumnBlocks) -
     full = (blocks - 1) * block
     out[:, :full].view(n * rows, blocks - 1, block).copy_(y[:-1].transpose(0, 1))
     out[:, width.n_out - block :].copy_(y[-1])
-    return _gather_rows(out.view(n, rows, -1), height)  # N x H x W
+    return _gather_rows(out.view(n, rows, width.n_out), height)  # N x H x W
 
 
 def _gather_rows(x: torch.Tensor, taps: Taps) -> torch.Tensor:
@@ -142,7 +142,7 @@ def _gather_rows(x: torch.Tensor, taps: Taps) -> torch.Tensor:
     n_out = taps.index.shape[0]
     index = taps.index + n_in * torch.arange(n)[:, None, None]  # rows of mask m: m n_in + i
     out = F.embedding_bag(
-        index.view(n * n_out, -1),
+        index.view(n * n_out, index.shape[-1]),
         x.reshape(n * n_in, c),
         mode="sum",
         per_sample_weights=taps.weights.repeat(n, 1),
