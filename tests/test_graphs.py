@@ -29,7 +29,7 @@ def _points(batch, device, seed=0):
     return PromptInputs(coords, labels, None, None)
 
 
-def test_no_graph_on_the_cpu_or_for_large_batches():
+def test_no_graph_on_the_cpu():
     model = random_sam(TINY)
     features = torch.randn(1, 32, 10, 10)
     graphs = prompt_graphs(model)

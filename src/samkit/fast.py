@@ -29,7 +29,7 @@ class SpeedPlan:
     compile_mode: str | None = None  # torch.compile mode for the image encoder; None = eager
     resize_on_device: bool = False  # resize/normalise on the device instead of with PIL
     gelu_epilogue: bool = False  # encoder MLP GELU (tanh approximation) in the GEMM epilogue
-    decoder_dtype: torch.dtype = torch.float32  # of a mask decoder copy (eager, not graphed)
+    decoder_dtype: torch.dtype = torch.float32  # of a mask decoder copy
 
 
 REFERENCE = SpeedPlan()
@@ -103,7 +103,7 @@ class Accelerated:
         return self.model.prepare_decode(features, self._low_decoder)
 
     def decode_tokens(self, *args, **kwargs):
-        """`Sam.decode_tokens` (eager: segment everything selects prompts by value), fp32 IoU."""
+        """`Sam.decode_tokens` through the decoder that `decode` runs, fp32 IoU."""
         tokens = self.model.decode_tokens(*args, **kwargs, mask_decoder=self._low_decoder)
         return tokens._replace(iou_pred=tokens.iou_pred.float())
 
