@@ -22,7 +22,7 @@ import torch
 
 from samkit.config import MaskDecoderConfig, PromptEncoderConfig
 from samkit.fast import Accelerated
-from samkit.modeling.transformer import factored_pays
+from samkit.modeling.transformer import factored_pays, select_tokens
 
 from reference import TINY, assert_close_scaled, random_sam
 
@@ -82,6 +82,19 @@ def test_factored_transformer_equals_module(wide, batch, tokens, shared):
     for result in got:
         for g_, w_ in zip(result, want, strict=True):
             assert_close_scaled(g_, w_.expand_as(g_), rel=REL)
+    # only some tokens' outputs (the mask decoder's IoU token and multimask or single masks)
+    for outputs in [(0, 2, 3, 4), (0, 1), (1,)]:
+        with torch.no_grad():
+            tokens, keys = transformer.forward_factored(image, pe, points, outputs=outputs)
+        assert tokens.shape == (batch, len(outputs), 256)
+        assert_close_scaled(tokens, want[0][:, list(outputs)], rel=REL)
+        assert_close_scaled(keys, want[1].expand_as(keys), rel=REL)
+
+
+@pytest.mark.parametrize("ids", [(0,), (0, 1), (0, 2, 3, 4), (1, 3, 4, 6), tuple(range(7))])
+def test_select_tokens(ids):
+    x = torch.randn(2, 7, 5)
+    assert torch.equal(select_tokens(x, ids), x[:, list(ids)])  # a copy: exact
 
 
 def _prompts(kind: str, g: torch.Generator, n: int = 3):
@@ -104,7 +117,7 @@ def _prompts(kind: str, g: torch.Generator, n: int = 3):
 @pytest.mark.parametrize(
     "kind", ["one point", "points", "box", "points and box", "mask", "box and mask"]
 )
-@pytest.mark.parametrize("multimask", [True, False])
+@pytest.mark.parametrize("multimask", [True, False, None])  # None: all 4 masks
 def test_decode_equals_plain_modules(config, kind, multimask):
     model = random_sam(config, seed=6)
     g = _gen(7)

@@ -11,7 +11,7 @@ from torch import nn
 
 from samkit.config import MaskDecoderConfig
 from samkit.modeling.common import MLP, LayerNorm2d
-from samkit.modeling.transformer import ImageSide, TwoWayTransformer
+from samkit.modeling.transformer import ImageSide, TwoWayTransformer, select_tokens
 
 
 class MaskDecoder(nn.Module):
@@ -143,12 +143,19 @@ class MaskDecoder(nn.Module):
                 "give one embedding, or one per prompt"
             )
         h, w = image_embeddings.shape[-2:]
+        if multimask_output is None:
+            keep = slice(None)
+        else:
+            keep = slice(1, None) if multimask_output else slice(0, 1)
+        mask_ids = range(self.num_mask_tokens)[keep]
+        # the transformer's outputs that are read: the IoU token's and the kept mask tokens'
+        outputs = (0, *(1 + m for m in mask_ids))
         if image_side is not None and self.factored:
             # prompts are independent here: on the CPU a few at a time, so the image-side
             # tensors (4 MiB per prompt) stay in cache
             chunk = self.cpu_prompt_chunk if tokens.device.type == "cpu" else batch
             parts = [
-                self.transformer.forward_factored(image_side, image_pe, part)
+                self.transformer.forward_factored(image_side, image_pe, part, outputs=outputs)
                 for part in tokens.split(chunk)
             ]
             if len(parts) > 1:
@@ -160,18 +167,18 @@ class MaskDecoder(nn.Module):
                 # keep one image so the first image-side projections run once, not B times
                 dense_prompt_embeddings = dense_prompt_embeddings[:1]
             src = image_embeddings + dense_prompt_embeddings  # (1 or B) x C x h x w
-            transformer = self.transformer.forward_factored if self.factored else self.transformer
-            hs, src = transformer(src, image_pe, tokens)
-        if multimask_output is None:
-            keep = slice(None)
-        else:
-            keep = slice(1, None) if multimask_output else slice(0, 1)
+            if self.factored:
+                hs, src = self.transformer.forward_factored(src, image_pe, tokens, outputs=outputs)
+            else:
+                hs, src = self.transformer(src, image_pe, tokens)
+                hs = select_tokens(hs, outputs)
+        # hs: B x (1 + K) x C, the IoU token's output, then the K kept mask tokens'
         iou_pred = self.iou_prediction_head(hs[:, 0].to(_dtype(self.iou_prediction_head)))
         return DecodedTokens(
             iou_pred=iou_pred[:, keep],
-            mask_tokens=hs[:, 1 : 1 + self.num_mask_tokens][:, keep],
+            mask_tokens=hs[:, 1:],
             image_tokens=src,
-            mask_ids=range(self.num_mask_tokens)[keep],
+            mask_ids=mask_ids,
             size=(h, w),
         )
 

@@ -97,6 +97,8 @@ class TwoWayTransformer(nn.Module):
         image: torch.Tensor | ImageSide,
         image_pe: torch.Tensor,
         point_embedding: torch.Tensor,
+        *,
+        outputs: tuple[int, ...] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` with the image side factored through the tokens (see `token_to_image`).
 
@@ -104,6 +106,10 @@ class TwoWayTransformer(nn.Module):
         `prepare_image`'s result (layer 0 then projects no image tokens at all). A shared
         (batch 1) embedding is prepared here, once for all B prompts. Every choice depends on
         shapes only (no host syncs): fit for torch.compile and CUDA graphs.
+
+        outputs: the tokens (increasing indices) whose final outputs are returned, (B, len, C)
+        instead of (B, T, C); the last attention then runs for these queries only (the mask
+        decoder reads the IoU token and the masks it returns, never the prompt tokens').
         """
         if isinstance(image, torch.Tensor):
             if image.shape[0] == 1:
@@ -125,6 +131,10 @@ class TwoWayTransformer(nn.Module):
             )
         if keys_pe is None:
             keys_pe = keys + key_pe
+        if outputs is not None:
+            # one point, multimask: 4 of 7 queries, 56 -> 32 rows against 4096 image tokens
+            queries = select_tokens(queries, outputs)
+            point_embedding = select_tokens(point_embedding, outputs)
         attn_out = token_to_image(
             self.final_attn_token_to_image, queries + point_embedding, keys_pe, keys
         )
@@ -293,6 +303,19 @@ class ImageSide(NamedTuple):
     t2i_k: torch.Tensor  # (1, heads, N, d) layer 0 token->image keys, projected
     t2i_v: torch.Tensor  # (1, heads, N, d) and values
     i2t_q: torch.Tensor  # (1, heads, N, d) layer 0 image->token queries, projected
+
+
+def select_tokens(x: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
+    """x[:, ids] for increasing ids, as slices of consecutive runs (a view where one run): no
+    index tensor, so nothing is copied to the device (CUDA graph capture)."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][1]:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    parts = [x[:, start:stop] for start, stop in runs]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def factored_pays(attn: Attention, tokens: int) -> bool:
