@@ -61,6 +61,36 @@ def test_separable_equals_two_resamplings(low, size, input_size, original_size):
     assert_close_scaled(got, want, rel=REL)
 
 
+@pytest.mark.parametrize("low, size, input_size, original_size", CASES)
+def test_positive_equals_threshold_of_two_resamplings(low, size, input_size, original_size):
+    """The thresholded form (clamp and cast in blocks) against `> 0` of torch's resampling:
+    equal except where the reference logit is within fp32 rounding (REL of the scale) of 0."""
+    g = torch.Generator().manual_seed(low + 1)
+    masks = torch.randn(3, low, low, generator=g) * 10
+    masks[0, :4] = 0.0  # exact zeros stay False
+    masks[1, :, :3] = -0.0
+    want = two_step(masks, size, input_size, original_size)
+    maps = postprocess_maps((low, low), size, input_size, original_size)
+    got = resample_separable(masks, *maps, positive=True)
+    assert got.dtype == torch.bool and got.shape == want.shape
+    differ = got != (want > 0)
+    assert bool((want[differ].abs() <= REL * want.abs().max()).all())
+    assert int(differ.sum()) <= 1e-5 * want.numel()
+    # against the unfused separable result: the same sums, so the same signs
+    assert torch.equal(got, resample_separable(masks, *maps) > 0)
+
+
+def test_positive_with_nan_and_inf_is_the_threshold():
+    """Non-finite logits fall back to `> 0` of the logits (NaN is False, as `>` has it)."""
+    masks = torch.randn(2, 40, 40, generator=torch.Generator().manual_seed(4))
+    masks[0, 10:20, 10:20] = float("nan")
+    masks[1, :5] = float("inf")
+    masks[1, 5:8] = -float("inf")
+    maps = postprocess_maps((40, 40), 160, (107, 160), (31, 45))
+    got = resample_separable(masks, *maps, positive=True)
+    assert torch.equal(got, resample_separable(masks, *maps) > 0)
+
+
 def test_axis_map_is_a_band_of_at_most_three_taps():
     """Each output reads two neighbouring intermediate pixels, each of which reads two
     neighbouring low-res pixels four apart at most: at most 3 low-res taps, weights sum to 1."""
@@ -122,12 +152,30 @@ def test_postprocess_masks_uses_it_on_cpu_fp32():
     assert_close_scaled(got, want.view(2, 3, 1000, 1500), rel=REL)
 
 
+def test_postprocess_binary_is_the_threshold_of_postprocess_masks():
+    """Sam.postprocess_binary: `postprocess_masks(...) > mask_threshold`, fused on the CPU at
+    threshold 0 (equal signs: the same fp32 sums), plain otherwise."""
+    from reference import TINY, random_sam
+
+    model = random_sam(TINY)
+    masks = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(5))
+    for threshold in (0.0, 0.5):
+        model.mask_threshold = threshold
+        got = model.postprocess_binary(masks, (107, 160), (1000, 1500))
+        want = model.postprocess_masks(masks, (107, 160), (1000, 1500)) > threshold
+        assert got.shape == (2, 3, 1000, 1500) and got.is_contiguous()
+        assert torch.equal(got, want)
+
+
 def test_empty_batch():
     """Segment everything may keep no mask of a batch."""
     from reference import TINY, random_sam
 
-    got = random_sam(TINY).postprocess_masks(torch.randn(0, 3, 40, 40), (107, 160), (31, 45))
+    model = random_sam(TINY)
+    got = model.postprocess_masks(torch.randn(0, 3, 40, 40), (107, 160), (31, 45))
     assert got.shape == (0, 3, 31, 45)
+    got = model.postprocess_binary(torch.randn(0, 3, 40, 40), (107, 160), (31, 45))
+    assert got.shape == (0, 3, 31, 45) and got.dtype == torch.bool
 
 
 def test_maps_cached_under_inference_mode_work_with_autograd():

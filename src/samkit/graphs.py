@@ -72,9 +72,10 @@ def run_prompts(
     low_res, iou = decode(
         features, *prompts, multimask_output=multimask_output, image_side=image_side
     )
-    masks = model.postprocess_masks(low_res, input_size, original_size)
-    if not return_logits:
-        masks = masks > model.mask_threshold
+    if return_logits:
+        masks = model.postprocess_masks(low_res, input_size, original_size)
+    else:
+        masks = model.postprocess_binary(low_res, input_size, original_size)
     return PromptOutputs(masks, iou, low_res)
 
 

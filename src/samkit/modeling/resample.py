@@ -47,6 +47,9 @@ class ColumnBlocks(NamedTuple):
 
 # output columns per block of the width pass: 64 measured best at 1000x1500 (2-core CPU)
 WIDTH_BLOCK = 64
+# output rows per pass of the thresholded height pass: 128 measured best at 1000x1500, 3 masks
+# (32: 4.7, 64: 3.7, 128: 2.9, 256: 3.7, all 1000: 4.7 ms, 1 thread)
+POSITIVE_ROWS = 128
 
 
 def bilinear_matrix(n_in: int, n_out: int, ratio: float) -> torch.Tensor:
@@ -120,10 +123,13 @@ def postprocess_maps(
     return taps(height), column_blocks(width)
 
 
-def resample_separable(masks: torch.Tensor, height: Taps, width: ColumnBlocks) -> torch.Tensor:
+def resample_separable(
+    masks: torch.Tensor, height: Taps, width: ColumnBlocks, *, positive: bool = False
+) -> torch.Tensor:
     """(N, h, w) float32 -> (N, H, W): the width map on the rows the height map reads, then
-    the height map."""
+    the height map. positive: the bool `result > 0` instead (`_positive_rows`)."""
     n, rows = masks.shape[0], height.used
+    finite = positive and bool(torch.isfinite(masks).all())
     x = masks[:, :rows].reshape(n * rows, masks.shape[-1])  # (N r) x w
     blocks, k, block = width.weights.shape
     gathered = x.index_select(1, width.index.flatten()).view(n * rows, blocks, k)
@@ -133,7 +139,11 @@ def resample_separable(masks: torch.Tensor, height: Taps, width: ColumnBlocks) -
     full = (blocks - 1) * block
     out[:, :full].view(n * rows, blocks - 1, block).copy_(y[:-1].transpose(0, 1))
     out[:, width.n_out - block :].copy_(y[-1])
-    return _gather_rows(out.view(n, rows, width.n_out), height)  # N x H x W
+    out = out.view(n, rows, width.n_out)
+    if finite:
+        return _positive_rows(out, height)
+    out = _gather_rows(out, height)  # N x H x W
+    return out > 0 if positive else out
 
 
 def _gather_rows(x: torch.Tensor, taps: Taps) -> torch.Tensor:
@@ -148,3 +158,32 @@ def _gather_rows(x: torch.Tensor, taps: Taps) -> torch.Tensor:
         per_sample_weights=taps.weights.repeat(n, 1),
     )
     return out.view(n, n_out, c)
+
+
+def _positive_rows(x: torch.Tensor, taps: Taps, chunk: int = POSITIVE_ROWS) -> torch.Tensor:
+    """`_gather_rows(x, taps) > 0` for finite x, bool (N, n_out, C).
+
+    As clamp_min(0) then a cast to bool, in place on blocks of `chunk` output rows: the cast
+    is vectorized where `> 0` is not (3 x 1000 x 1500 fp32, 1 thread: 0.6 + 0.5 vs 2.0 ms), and
+    each block's logits are still in cache when they are cast (the full-size fp32 logits are
+    never written). Equal to `> 0` whenever no output is NaN (+-0 -> False either way), which
+    holds for finite x: each output is a convex combination of x's values (weights >= 0).
+    """
+    n, n_in, c = x.shape
+    n_out = taps.index.shape[0]
+    out = torch.empty(n, n_out, c, dtype=torch.bool, device=x.device)
+    index = taps.index + n_in * torch.arange(n)[:, None, None]  # rows of mask m: m n_in + i
+    weights = taps.weights.expand(n, -1, -1)
+    x = x.reshape(n * n_in, c)
+    for start in range(0, n_out, chunk):
+        part = index[:, start : start + chunk]
+        rows = part.shape[1]
+        k = part.shape[-1]
+        logits = F.embedding_bag(
+            part.reshape(n * rows, k),
+            x,
+            mode="sum",
+            per_sample_weights=weights[:, start : start + chunk].reshape(n * rows, k),
+        )
+        out[:, start : start + rows].copy_(logits.view(n, rows, c).clamp_min_(0))
+    return out
