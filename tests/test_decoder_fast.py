@@ -374,3 +374,89 @@ def test_decode_masks_of_no_prompts(wide, dtype):
         masks = decoder.decode_masks(tokens, torch.zeros(0, dtype=torch.long))
     h, w = emb.shape[-2:]
     assert masks.shape == (0, 3, 4 * h, 4 * w)
+
+
+def _decoder_inputs(batch: int, grid: tuple[int, int], seed: int):
+    g = _gen(seed)
+    image = torch.randn(1, 256, *grid, generator=g)
+    pe = torch.randn(1, 256, *grid, generator=g)
+    dense = torch.randn(1, 256, 1, 1, generator=g).expand(1, 256, *grid)
+    sparse = torch.randn(batch, 2, 256, generator=g)
+    return image, pe, dense, sparse
+
+
+@pytest.mark.parametrize("grid", [(10, 10), (7, 9)])
+@pytest.mark.parametrize("batch, chunk", [(1, 4), (3, 2)])
+@pytest.mark.parametrize("multimask", [True, None])
+def test_folded_upscaling_equals_the_plain_conv(wide, grid, batch, chunk, multimask):
+    """`MaskDecoder.fold_upscaling`: the first upscaling conv from the transformer's factors
+    (random LayerNorm weights and biases, odd grids, prompts in chunks, a subset of prompts)
+    against the conv on the final image tokens. fp32: the same sums reassociated and the
+    LayerNorm means subtracted after the product (REL of the scale; ~5e-7 observed)."""
+    model, _ = wide
+    dec = copy.deepcopy(model.mask_decoder)
+    dec.cpu_prompt_chunk = chunk
+    image, pe, dense, sparse = _decoder_inputs(batch, grid, seed=15)
+    with torch.no_grad():
+        side = dec.prepare_image(image, pe, dense)
+        assert side.upscale.shape == (1, grid[0] * grid[1], 256)
+        tokens = dec.decode_tokens(image, pe, sparse, dense, multimask, image_side=side)
+        assert tokens.folded is not None
+        got = dec.decode_masks(tokens)
+        want = dec.decode_masks(tokens._replace(folded=None))
+        keep = torch.tensor([batch - 1, 0])
+        subset = dec.decode_masks(tokens, keep)
+    assert_close_scaled(got, want, rel=REL)
+    assert_close_scaled(subset, want[keep], rel=REL)
+
+
+def test_folded_upscaling_bf16_tracks_fp32(wide):
+    """The bf16 decoder copy folded: X H, the factors and the LayerNorm statistics are
+    rounded to bf16 (~1.5e-2 of the scale observed, as the plain bf16 conv); the bar for bf16
+    paths is masks at IoU >= 0.98 with fp32's."""
+    model, _ = wide
+    dec = model.mask_decoder
+    low = copy.deepcopy(dec).to(torch.bfloat16)
+    image, pe, dense, sparse = _decoder_inputs(3, (10, 10), seed=16)
+    with torch.no_grad():
+        want = dec.decode_masks(dec.decode_tokens(image, pe, sparse, dense, None))
+        args = (x.bfloat16() for x in (image, pe, dense))
+        image16, pe16, dense16 = args
+        side = low.prepare_image(image16, pe16, dense16)
+        tokens = low.decode_tokens(image16, pe16, sparse.bfloat16(), dense16, None, image_side=side)
+        assert tokens.folded is not None
+        got = low.decode_masks(tokens).float()
+        plain = low.decode_masks(tokens._replace(folded=None)).float()
+    assert_close_scaled(got, want, rel=5e-2)
+    ious = []
+    for a, b in zip(got.flatten(0, 1) > 0, want.flatten(0, 1) > 0, strict=True):
+        union = (a | b).sum()
+        ious.append(float((a & b).sum() / union) if union else 1.0)
+    assert min(ious) >= 0.98, ious
+    # no worse than twice the plain bf16 conv's distance to fp32
+    assert (got - want).abs().max() <= 2 * (plain - want).abs().max()
+
+
+def test_folded_upscaling_only_where_it_applies(wide):
+    """Not under autograd (the LayerNorm statistics carry no gradient), not when switched off,
+    and the cached folded weights follow in-place weight changes."""
+    model, _ = wide
+    dec = copy.deepcopy(model.mask_decoder)
+    image, pe, dense, sparse = _decoder_inputs(1, (10, 10), seed=17)
+    side = dec.prepare_image(image, pe, dense)
+    tokens = dec.decode_tokens(image, pe, sparse, dense, True, image_side=side)
+    assert tokens.folded is None  # grad enabled
+    with torch.no_grad():
+        assert dec.decode_tokens(image, pe, sparse, dense, True, image_side=side).folded
+        dec.fold_upscaling = False
+        assert dec.decode_tokens(image, pe, sparse, dense, True, image_side=side).folded is None
+        dec.fold_upscaling = True
+        dec.decode_masks(dec.decode_tokens(image, pe, sparse, dense, True, image_side=side))
+        for layer in dec.transformer.layers:
+            layer.norm4.weight.mul_(1.5)  # the cache must notice
+        dec.output_upscaling[0].bias.add_(0.3)
+        side = dec.prepare_image(image, pe, dense)
+        tokens = dec.decode_tokens(image, pe, sparse, dense, True, image_side=side)
+        got = dec.decode_masks(tokens)
+        want = dec.decode_masks(tokens._replace(folded=None))
+    assert_close_scaled(got, want, rel=REL)

@@ -11,7 +11,13 @@ from torch import nn
 
 from samkit.config import MaskDecoderConfig
 from samkit.modeling.common import MLP, LayerNorm2d
-from samkit.modeling.transformer import ImageSide, TwoWayTransformer, select_tokens
+from samkit.modeling.transformer import (
+    ImageSide,
+    TwoWayTransformer,
+    factored_pays,
+    select_tokens,
+)
+from samkit.modeling.upscale_fold import UpscaleFactors, folded_conv, folded_weights
 
 
 class MaskDecoder(nn.Module):
@@ -60,9 +66,16 @@ class MaskDecoder(nn.Module):
     #   one matmul on the channels-last image tokens, with the LayerNorm on the channels-last
     #   result and one pixel shuffle at the end (after the hypernetwork product, on K masks
     #   only). CPU, 2 threads: 17.5 -> 6.5 ms per prompt; exact up to fp32 reassociation.
+    # - fold_upscaling (CPU, with a prepared image side and no autograd): the first transposed
+    #   conv of the final image tokens, folded back through both layers' last LayerNorm and
+    #   image->token update (samkit.modeling.upscale_fold): one 4096 x (2 heads T + 3) x 256
+    #   product per prompt instead of 4096 x 256 x 256. decode_masks, 2 threads: bf16 copy
+    #   4.85 -> 4.50 ms, fp32 7.85 -> 6.83 ms.
     # Numbers for whole prompts: benchmarks/README.md ("CPU mask decoder").
     factored: bool = True
     gemm_upscaling: bool = True
+    fold_upscaling: bool = True
+    _folded_cache: tuple | None = None  # (key, weights) of `_cached_folded_weights`
     cpu_prompt_chunk: int = 4  # prompts per pass on the CPU (measured: 64 at once is slower)
 
     def forward(
@@ -115,7 +128,17 @@ class MaskDecoder(nn.Module):
     ) -> ImageSide:
         """The prompt-independent image side of one image (1, C, h, w) with the dense embedding
         of "no mask" (1, C, h, w), for `forward(..., image_side=...)`."""
-        return self.transformer.prepare_image(image_embeddings + dense, image_pe)
+        side = self.transformer.prepare_image(image_embeddings + dense, image_pe)
+        if self._foldable() and side.keys.device.type == "cpu":
+            conv1 = self.output_upscaling[0]
+            norms = (layer.norm4 for layer in self.transformer.layers)
+            h = folded_weights(conv1, *norms, side.keys.dtype)[0]
+            side = side._replace(upscale=side.keys @ h)  # 1 x N x 4 C1: X H (upscale_fold)
+        return side
+
+    def _foldable(self) -> bool:
+        """Whether `folded_conv` applies to this decoder's structure (SAM's: 2 layers)."""
+        return self.fold_upscaling and self.gemm_upscaling and len(self.transformer.layers) == 2
 
     def decode_tokens(
         self,
@@ -150,17 +173,34 @@ class MaskDecoder(nn.Module):
         mask_ids = range(self.num_mask_tokens)[keep]
         # the transformer's outputs that are read: the IoU token's and the kept mask tokens'
         outputs = (0, *(1 + m for m in mask_ids))
+        folded = None
         if image_side is not None and self.factored:
+            fold = (
+                self._foldable()
+                and image_side.upscale.numel() > 0
+                and not torch.is_grad_enabled()  # the LayerNorm statistics have no gradient
+                and all(
+                    factored_pays(layer.cross_attn_image_to_token, tokens.shape[1])
+                    for layer in self.transformer.layers
+                )
+            )
+
+            def run(part: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                record = [] if fold else None
+                hs, src = self.transformer.forward_factored(
+                    image_side, image_pe, part, outputs=outputs, record=record
+                )
+                return hs, src, *(t for layer in record or () for t in layer)
+
             # prompts are independent here: on the CPU a few at a time, so the image-side
             # tensors (4 MiB per prompt) stay in cache
             chunk = self.cpu_prompt_chunk if tokens.device.type == "cpu" else batch
-            parts = [
-                self.transformer.forward_factored(image_side, image_pe, part, outputs=outputs)
-                for part in tokens.split(chunk)
-            ]
+            parts = [run(part) for part in tokens.split(chunk)]
             if len(parts) > 1:
                 parts = [tuple(torch.cat(x) for x in zip(*parts, strict=True))]
-            hs, src = parts[0]
+            hs, src, *factors = parts[0]
+            if fold:
+                folded = UpscaleFactors(*factors, image=image_side.upscale)
         else:
             if dense_prompt_embeddings.shape[0] > 1 and dense_prompt_embeddings.stride(0) == 0:
                 # a broadcast dense embedding (no mask prompt) is the same for every prompt:
@@ -180,6 +220,7 @@ class MaskDecoder(nn.Module):
             image_tokens=src,
             mask_ids=mask_ids,
             size=(h, w),
+            folded=folded,
         )
 
     def decode_masks(
@@ -188,10 +229,13 @@ class MaskDecoder(nn.Module):
         """Mask logits (B, K, 4h, 4w) of `decode_tokens`' prompts, or (P, K, 4h, 4w) of the P
         prompts indexed by `prompts`."""
         image_tokens, mask_tokens = tokens.image_tokens, tokens.mask_tokens
+        folded = tokens.folded if self._foldable() else None
         if prompts is not None:
             mask_tokens = mask_tokens[prompts]
             if image_tokens.shape[0] > 1:
                 image_tokens = image_tokens[prompts]
+            if folded is not None:
+                folded = folded.select(prompts)
         # the heads may run in another dtype than the rest (samkit.fast: fp32 heads on a bf16
         # decoder copy on the CPU, where one-row bf16 matmuls are slow)
         mask_tokens = mask_tokens.to(_dtype(self.output_hypernetworks_mlps))
@@ -205,10 +249,15 @@ class MaskDecoder(nn.Module):
         h, w = tokens.size
         if self.gemm_upscaling:
             if image_tokens.device.type != "cpu" or image_tokens.shape[0] == 1:
-                return self._upscaled_masks(image_tokens, hyper_in, h, w)
+                return self._upscaled_masks(image_tokens, hyper_in, h, w, folded)
             chunk = self.cpu_prompt_chunk
-            parts = zip(image_tokens.split(chunk), hyper_in.split(chunk), strict=True)
-            return torch.cat([self._upscaled_masks(x, y, h, w) for x, y in parts])
+            parts = zip(
+                image_tokens.split(chunk),
+                hyper_in.split(chunk),
+                [None] * len(hyper_in.split(chunk)) if folded is None else folded.split(chunk),
+                strict=True,
+            )
+            return torch.cat([self._upscaled_masks(x, y, h, w, f) for x, y, f in parts])
         # upscale the image tokens 4x and take a dot product with each mask token's hypernetwork
         src = image_tokens.transpose(1, 2).unflatten(2, (h, w))  # Bx(hw)xC -> BxCxhxw
         upscaled = self.output_upscaling(src)
@@ -216,22 +265,31 @@ class MaskDecoder(nn.Module):
         return masks.view(hyper_in.shape[0], -1, 4 * h, 4 * w)
 
     def _upscaled_masks(
-        self, image_tokens: torch.Tensor, hyper_in: torch.Tensor, h: int, w: int
+        self,
+        image_tokens: torch.Tensor,
+        hyper_in: torch.Tensor,
+        h: int,
+        w: int,
+        folded: UpscaleFactors | None = None,
     ) -> torch.Tensor:
         """`output_upscaling` + hypernetwork product as two matmuls on channels-last tokens.
 
         A stride-2 2x2 transposed conv maps each input pixel's C channels to the 2x2 output
         pixels it covers, 4 x C' values: out[2i+a, 2j+b, o] = sum_c x[i, j, c] W[c, o, a, b] +
         bias[o]. Rows stay in (i, j, a, b, a', b') order until one pixel shuffle of the K masks.
+        folded: the first conv from the transformer's factors instead (`folded_conv`).
         """
         conv1, norm, act1, conv2, act2 = self.output_upscaling
         c1, c2 = conv1.out_channels, conv2.out_channels
         w1 = conv1.weight.permute(0, 2, 3, 1).flatten(1)  # C x (2 2 C1)
         w2 = conv2.weight.permute(0, 2, 3, 1).flatten(1)  # C1 x (2 2 C2)
-        batch, hw = image_tokens.shape[:2]
-        # bias + product in one addmm
-        x = torch.addmm(conv1.bias.repeat(4), image_tokens.reshape(-1, w1.shape[0]), w1)
-        x = x.view(batch, hw * 4, c1)  # B x (hw 2 2) x C1
+        hw = image_tokens.shape[1]
+        if folded is not None:  # per prompt, also where the image tokens are one for all
+            x = folded_conv(folded, self._cached_folded_weights(folded.image.dtype))
+        else:  # bias + product in one addmm
+            x = torch.addmm(conv1.bias.repeat(4), image_tokens.reshape(-1, w1.shape[0]), w1)
+        x = x.view(-1, hw * 4, c1)  # B x (hw 2 2) x C1
+        batch = x.shape[0]
         x = act1(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
         x = torch.addmm(conv2.bias.repeat(4), x.view(-1, c1), w2)  # (B hw 2 2) x (2 2 C2)
         x = act2(x).view(batch, hw * 16, c2)  # B x (hw 2 2 2 2) x C2
@@ -251,6 +309,27 @@ class MaskDecoder(nn.Module):
         else:
             masks = masks.view(-1, k, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
         return masks.reshape(batch, k, 4 * h, 4 * w)
+
+    def _cached_folded_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """`folded_weights` of this decoder, kept until a weight they come from changes (they
+        take 0.4 ms a call; inference only: the cached tensors carry no autograd history)."""
+        conv1 = self.output_upscaling[0]
+        norms = [layer.norm4 for layer in self.transformer.layers]
+        params = [conv1.weight, conv1.bias, *(p for n in norms for p in (n.weight, n.bias))]
+        # the same tensor objects (held here, so never another one at a reused address), not
+        # modified in place since (load_state_dict, optimizers bump `_version`)
+        key = (dtype, [(p, p._version) for p in params])
+        cached = self._folded_cache
+        if (
+            cached is None
+            or cached[0][0] != dtype
+            or any(
+                a is not p or v != p._version
+                for (a, v), p in zip(cached[0][1], params, strict=True)
+            )
+        ):
+            self._folded_cache = cached = (key, folded_weights(conv1, *norms, dtype))
+        return cached[1]
 
 
 def _dtype(module: nn.Module) -> torch.dtype:
@@ -277,3 +356,4 @@ class DecodedTokens(NamedTuple):
     image_tokens: torch.Tensor  # (B, h*w, C) the transformer's image tokens
     mask_ids: range  # which of the num_mask_tokens outputs the K are
     size: tuple[int, int]  # (h, w) of the image token map
+    folded: UpscaleFactors | None = None  # for the folded upscaling (CPU), if it applies

@@ -73,7 +73,7 @@ class TwoWayTransformer(nn.Module):
         keys, key_pe = _tokens(image_embedding), _tokens(image_pe)
         if not self.layers:
             empty = keys.new_empty(0)
-            return ImageSide(keys, key_pe, empty, empty, empty)
+            return ImageSide(keys, key_pe, empty, empty, empty, empty)
         layer = self.layers[0]
         t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
         keys_pe = keys + key_pe
@@ -90,6 +90,7 @@ class TwoWayTransformer(nn.Module):
             t2i_k=heads(t2i.k_proj(keys_pe), t2i.num_heads),
             t2i_v=heads(t2i.v_proj(keys), t2i.num_heads),
             i2t_q=heads(i2t.q_proj(keys_pe), i2t.num_heads),
+            upscale=keys.new_empty(0),
         )
 
     def forward_factored(
@@ -99,6 +100,7 @@ class TwoWayTransformer(nn.Module):
         point_embedding: torch.Tensor,
         *,
         outputs: tuple[int, ...] | None = None,
+        record: list | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` with the image side factored through the tokens (see `token_to_image`).
 
@@ -110,6 +112,8 @@ class TwoWayTransformer(nn.Module):
         outputs: the tokens (increasing indices) whose final outputs are returned, (B, len, C)
         instead of (B, T, C); the last attention then runs for these queries only (the mask
         decoder reads the IoU token and the masks it returns, never the prompt tokens').
+        record: a list that receives each layer's image->token factors (see
+        `TwoWayAttentionBlock.forward_factored`); only where every layer's attention is factored.
         """
         if isinstance(image, torch.Tensor):
             if image.shape[0] == 1:
@@ -128,6 +132,7 @@ class TwoWayTransformer(nn.Module):
                 key_pe=key_pe,
                 side=image if i == 0 else None,
                 keys_pe=keys_pe,
+                record=record,
             )
         if keys_pe is None:
             keys_pe = keys + key_pe
@@ -207,9 +212,16 @@ class TwoWayAttentionBlock(nn.Module):
         key_pe: torch.Tensor,
         side: ImageSide | None,
         keys_pe: torch.Tensor | None = None,
+        record: list | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`forward` with the factored image side; `side`: this (first) layer's prepared image,
-        `keys_pe`: keys + key_pe if known. Returns queries, keys and keys + key_pe."""
+        `keys_pe`: keys + key_pe if known. Returns queries, keys and keys + key_pe.
+
+        record: a list to append this layer's image->token update to, as (probs (B, R, N),
+        values (B, R, C), mean (B, N, 1), rstd (B, N, 1)): the new keys are
+        norm4(keys + probs^T @ values), with norm4's row statistics mean and rstd (for the mask
+        decoder's folded upscaling). Only with a factored image->token attention.
+        """
         queries = self._token_self_attention(queries, query_pe)
 
         q = queries + query_pe
@@ -228,9 +240,18 @@ class TwoWayAttentionBlock(nn.Module):
         q = queries + query_pe
         attn = self.cross_attn_image_to_token
         if side is not None:
-            keys = image_to_token(attn, side.i2t_q, q, queries, projected=True, residual=keys)
+            keys = image_to_token(
+                attn, side.i2t_q, q, queries, projected=True, residual=keys, record=record
+            )
         else:
-            keys = image_to_token(attn, keys_pe, q, queries, residual=keys)
+            keys = image_to_token(attn, keys_pe, q, queries, residual=keys, record=record)
+        if record is not None:
+            norm = self.norm4
+            keys, mean, rstd = torch.native_layer_norm(
+                keys, norm.normalized_shape, norm.weight, norm.bias, norm.eps
+            )
+            record.append((*record.pop(), mean, rstd))
+            return queries, keys, keys + key_pe
         # the next attention needs the keys with and without their PE: one pass for both
         return queries, *layer_norm_pe(keys, self.norm4, key_pe)
 
@@ -303,6 +324,9 @@ class ImageSide(NamedTuple):
     t2i_k: torch.Tensor  # (1, heads, N, d) layer 0 token->image keys, projected
     t2i_v: torch.Tensor  # (1, heads, N, d) and values
     i2t_q: torch.Tensor  # (1, heads, N, d) layer 0 image->token queries, projected
+    # (1, N, C') the keys through the mask decoder's folded output upscaling, where it uses
+    # one (MaskDecoder.prepare_image); else empty
+    upscale: torch.Tensor
 
 
 def select_tokens(x: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
@@ -419,12 +443,15 @@ def image_to_token(
     *,
     projected: bool = False,
     residual: torch.Tensor,
+    record: list | None = None,
 ) -> torch.Tensor:
     """`residual + attn(q=x, k=k, v=v)` for the image x (1 or B, N, C) attending to T tokens
     k, v (B, T, C), with the tokens' keys and values projected into the image space (see
     above); residual: (1 or B, N, C).
 
     projected: x is already `attn.q_proj(...)` split into heads, (1, heads, N, d).
+    record: a list to append (probs (B, heads T, N), values (B, heads T, C)) to, where the
+    result is residual + probs^T @ values (the factored form only).
     """
     heads = attn.num_heads
     batch, tokens, c = k.shape
@@ -462,5 +489,7 @@ def image_to_token(
         else:
             scores = (x @ kx.transpose(1, 2)).transpose(1, 2)
         probs = (scores + bias).reshape(batch, heads, tokens, n).softmax(-2)
-    probs = probs.reshape(batch, heads * tokens, n).transpose(1, 2)  # B x N x (heads T)
-    return torch.baddbmm(residual, probs, vo)
+    probs = probs.reshape(batch, heads * tokens, n)  # B x (heads T) x N
+    if record is not None:
+        record.append((probs, vo))
+    return torch.baddbmm(residual, probs.transpose(1, 2), vo)
