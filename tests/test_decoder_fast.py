@@ -460,3 +460,25 @@ def test_folded_upscaling_only_where_it_applies(wide):
         got = dec.decode_masks(tokens)
         want = dec.decode_masks(tokens._replace(folded=None))
     assert_close_scaled(got, want, rel=REL)
+
+
+@pytest.mark.parametrize("ids", [range(1, 4), range(0, 4), range(0, 1)])
+def test_batched_hypernetworks_equal_the_mlps(wide, ids):
+    """On the CPU the kept masks' hypernetwork MLPs run as batched products over stacked
+    weights (the same dot products: REL); the stack is cached, follows in-place weight
+    changes, and under autograd is rebuilt so gradients reach every MLP."""
+    model, _ = wide
+    dec = copy.deepcopy(model.mask_decoder)
+    x = torch.randn(3, len(ids), 256, generator=_gen(18))
+
+    def want() -> torch.Tensor:
+        mlps = dec.output_hypernetworks_mlps
+        return torch.stack([mlps[m](x[:, i]) for i, m in enumerate(ids)], dim=1)
+
+    with torch.no_grad():
+        assert_close_scaled(dec._hypernetworks(x, ids), want(), rel=REL)
+        dec.output_hypernetworks_mlps[ids[-1]].layers[1].weight.mul_(-2.0)
+        assert_close_scaled(dec._hypernetworks(x, ids), want(), rel=REL)
+    dec._hypernetworks(x, ids).square().sum().backward()
+    for m in ids:
+        assert dec.output_hypernetworks_mlps[m].layers[0].weight.grad is not None
