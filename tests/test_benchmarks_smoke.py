@@ -44,3 +44,10 @@ def test_records_benchmark_smoke(tmp_path) -> None:
         "coco_rle",
     ]
     assert all(row["median_s"] > 0 and row["cold_s"] > 0 for row in report["rows"])
+
+
+def test_prompt_stages_smoke() -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "prompt_stages.py"), "fast", "1", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "decode_masks" in result.stdout and "predict_torch" in result.stdout
