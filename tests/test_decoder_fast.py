@@ -482,3 +482,41 @@ def test_batched_hypernetworks_equal_the_mlps(wide, ids):
     dec._hypernetworks(x, ids).square().sum().backward()
     for m in ids:
         assert dec.output_hypernetworks_mlps[m].layers[0].weight.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("batch, shared, n", [(1, True, 4096), (64, True, 4096), (5, False, 999)])
+@pytest.mark.parametrize("tokens", [7, 5])
+def test_image_to_token_kernel_equals_float64(batch, shared, n, tokens):
+    """The fused image->token + LayerNorm + PE kernel against the same maths in float64.
+
+    Tolerance 2e-5 of the output scale: tf32x3 products carry ~1e-6 relative error per
+    product (two TF32 parts per operand, the low x low term dropped), summed over 256 channels;
+    a softmax over the wrong axis, a head mix-up or a padded token let through is a 1e-1
+    error. 999 rows: a ragged last program; 5 tokens: 3 padded per head.
+    """
+    from samkit.kernels import decoder_attention as kernel
+
+    g = _gen(batch + tokens)
+    c, heads = 256, 8
+    f64 = {"generator": g, "dtype": torch.float64}
+    image = torch.randn(1 if shared else batch, n, c, **f64)
+    residual = torch.randn(1 if shared else batch, n, c, **f64)
+    kx = torch.randn(batch, heads, tokens, c, **f64) * 0.1
+    bias = torch.randn(batch, heads, tokens, **f64)
+    vo = torch.randn(batch, heads, tokens, c, **f64)
+    pe = torch.randn(1, n, c, **f64)
+    norm = torch.nn.LayerNorm(c, dtype=torch.float64)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(c, generator=g))
+        norm.bias.copy_(torch.randn(c, generator=g))
+        scores = torch.einsum("bnc,bhtc->bhtn", image.expand(batch, -1, -1), kx)
+        probs = (scores + bias[..., None]).softmax(2)  # over each head's tokens
+        y = norm(residual + torch.einsum("bhtn,bhtc->bnc", probs, vo))
+    cuda = [t.float().cuda() for t in (image, kx, bias, vo, residual)]
+    with torch.inference_mode():
+        assert kernel.supported(cuda[0], tokens)
+        got = kernel.image_to_token_norm(*cuda, norm.float().cuda(), pe.float().cuda())
+    for g_, w_ in zip(got, (y, y + pe), strict=True):
+        assert_close_scaled(g_.cpu().double(), w_, rel=2e-5)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from samkit.kernels import decoder_attention
 from samkit.kernels.layer_norm_pe import layer_norm_pe
 from samkit.modeling.attention import AttentionBackend, attention
 from samkit.modeling.common import MLPBlock
@@ -239,6 +240,10 @@ class TwoWayAttentionBlock(nn.Module):
 
         q = queries + query_pe
         attn = self.cross_attn_image_to_token
+        if record is None and fused_pays(attn, keys, q.shape[1]):
+            # one kernel for the attention, the residual, the LayerNorm and the PE
+            x = keys_pe if side is None else side.keys + side.key_pe
+            return queries, *image_to_token_norm(attn, self.norm4, x, q, queries, keys, key_pe)
         if side is not None:
             keys = image_to_token(
                 attn, side.i2t_q, q, queries, projected=True, residual=keys, record=record
@@ -347,6 +352,12 @@ def factored_pays(attn: Attention, tokens: int) -> bool:
     return attn.num_heads * tokens < attn.internal_dim
 
 
+def fused_pays(attn: Attention, image: torch.Tensor, tokens: int) -> bool:
+    """Whether the fused CUDA kernels (samkit.kernels.decoder_attention) run an attention on
+    the image tokens `image` for `tokens` prompt tokens: only where the factored form pays."""
+    return factored_pays(attn, tokens) and decoder_attention.supported(image, tokens)
+
+
 def _tokens(x: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> (B, h*w, C), contiguous: every image-side op then reads rows of C."""
     return x.flatten(2).transpose(1, 2).contiguous()
@@ -398,7 +409,9 @@ def _split_k_product(a: torch.Tensor, b: torch.Tensor, chunk: int = 256) -> torc
     blocks here: 125 us on an H100 for one prompt's 8 x 7 x 4096 by 8 x 4096 x 16)."""
     m, k_len = a.shape[-2:]
     n = b.shape[-1]
-    if k_len < 4 * chunk or k_len % chunk or m * n > 1 << 14:
+    # many prompts fill the GPU without a split (64 prompts' 56 x 4096 by 4096 x 256: 595 us
+    # split, 534 us not, on an H100)
+    if k_len < 4 * chunk or k_len % chunk or m * n > 1 << 14 or a.shape[:-2].numel() >= 32:
         return a @ b
     parts = k_len // chunk
     a = a.unflatten(-1, (parts, chunk)).transpose(-3, -2)  # ... x parts x M x chunk
@@ -454,21 +467,15 @@ def image_to_token(
     result is residual + probs^T @ values (the factored form only).
     """
     heads = attn.num_heads
-    batch, tokens, c = k.shape
-    d = attn.internal_dim // heads
+    batch, tokens = k.shape[:2]
     if not factored_pays(attn, tokens):
         if not projected:
             return residual + attn(q=x, k=k, v=v)
         kh, vh = _split(attn.k_proj(k), heads), _split(attn.v_proj(v), heads)
         out = F.scaled_dot_product_attention(x.expand(batch, -1, -1, -1), kh, vh)
         return residual + attn.out_proj(_merge(out))
-    kh = _split(attn.k_proj(k), heads) * d**-0.5  # B x heads x T x d
-    vh = _split(attn.v_proj(v), heads)
-    wo = attn.out_proj.weight.view(c, heads, d).permute(1, 2, 0)  # heads x d x C
-    # each head's probabilities sum to 1, so the heads*T rows of `probs` sum to `heads`: the
-    # output bias rides along as bias/heads on every value row, and the residual is the
-    # product's addend (one pass over the N x C image tokens instead of three)
-    vo = (vh @ wo + attn.out_proj.bias / heads).flatten(1, 2)  # B x (heads T) x C, stacked
+    kh, vo = _token_keys_values(attn, k, v)
+    vo = vo.flatten(1, 2)  # B x (heads T) x C, stacked
     n = x.shape[-2]
     # scores are laid out (heads T) x N, the softmax runs over T along dim -2: a softmax over a
     # last dim of T ~ 7 is 20x slower on the CPU
@@ -481,9 +488,8 @@ def image_to_token(
         scores = scores.view(heads, n, batch, tokens).permute(2, 0, 3, 1).contiguous()
         probs = scores.softmax(-2)
     else:
-        wq = attn.q_proj.weight.view(heads, d, c)
-        kx = (kh @ wq).flatten(1, 2)  # B x (heads T) x C: s Wq_h^T k_h, stacked
-        bias = (kh @ attn.q_proj.bias.view(heads, d, 1)).flatten(1, 2)  # B x (heads T) x 1
+        kx, bias = _keys_in_image_space(attn, kh)
+        kx, bias = kx.flatten(1, 2), bias[..., None].flatten(1, 2)  # stacked (heads T) rows
         if x.shape[0] == 1 and batch > 1:  # one product for all prompts
             scores = (x[0] @ kx.flatten(0, 1).T).view(n, batch, heads * tokens).permute(1, 2, 0)
         else:
@@ -493,3 +499,44 @@ def image_to_token(
     if record is not None:
         record.append((probs, vo))
     return torch.baddbmm(residual, probs.transpose(1, 2), vo)
+
+
+def _token_keys_values(
+    attn: Attention, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The T tokens' scaled keys (B, heads, T, d) and values through the output projection
+    (B, heads, T, C) for an image->token attention."""
+    heads = attn.num_heads
+    c = k.shape[-1]
+    d = attn.internal_dim // heads
+    kh = _split(attn.k_proj(k), heads) * d**-0.5  # B x heads x T x d
+    vh = _split(attn.v_proj(v), heads)
+    wo = attn.out_proj.weight.view(c, heads, d).permute(1, 2, 0)  # heads x d x C
+    # each head's probabilities sum to 1, so the heads*T rows of the probabilities sum to
+    # `heads`: the output bias rides along as bias/heads on every value row, and the residual
+    # is the product's addend (one pass over the N x C image tokens instead of three)
+    return kh, vh @ wo + attn.out_proj.bias / heads
+
+
+def _keys_in_image_space(attn: Attention, kh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """s Wq_h^T k_h per head (B, heads, T, C) and the query bias' part, bq_h . k_h (B, heads,
+    T): the image->token scores of image rows X are X kx^T + bias."""
+    heads, d = kh.shape[1], kh.shape[-1]
+    wq = attn.q_proj.weight.view(heads, d, -1)
+    return kh @ wq, (kh @ attn.q_proj.bias.view(heads, d, 1))[..., 0]
+
+
+def image_to_token_norm(
+    attn: Attention,
+    norm: nn.LayerNorm,
+    x: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    residual: torch.Tensor,
+    pe: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`norm(residual + attn(q=x, k=k, v=v))` and that plus `pe`, with the fused kernel
+    (`fused_pays`): x (1 or B, N, C) the image rows with their PE, k, v (B, T, C)."""
+    kh, vo = _token_keys_values(attn, k, v)
+    kx, bias = _keys_in_image_space(attn, kh)
+    return decoder_attention.image_to_token_norm(x, kx, bias, vo, residual, norm, pe)
