@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from samkit.kernels import fp32_cuda_rows
+
 try:
     import triton
     import triton.language as tl
@@ -43,16 +45,7 @@ def supported(x: torch.Tensor, tokens: int) -> bool:
     fp32, C a power of two in 64..256, at most 8 tokens (one or two points, a box, a box and a
     point), inference only. (bf16 decoders keep PyTorch's kernels: their GEMMs run on tensor
     cores already.)"""
-    c = x.shape[-1]
-    return (
-        triton is not None
-        and x.is_cuda
-        and x.dtype == torch.float32
-        and c & (c - 1) == 0
-        and 64 <= c <= 256
-        and tokens <= 8
-        and not torch.is_grad_enabled()
-    )
+    return triton is not None and tokens <= 8 and fp32_cuda_rows(x, 64, 256)
 
 
 def _pow2(n: int, least: int = 1) -> int:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from samkit.kernels import fp32_cuda_rows
+
 try:
     import triton
     import triton.language as tl
@@ -26,15 +28,7 @@ NUM_WARPS = 4
 
 def supported(x: torch.Tensor) -> bool:
     """Whether the kernel handles x (..., C): CUDA fp32, C a power of two up to 1024."""
-    c = x.shape[-1]
-    return (
-        triton is not None
-        and x.is_cuda
-        and x.dtype == torch.float32
-        and c & (c - 1) == 0
-        and 16 <= c <= 1024
-        and not torch.is_grad_enabled()
-    )
+    return triton is not None and fp32_cuda_rows(x, 16, 1024)
 
 
 def layer_norm_pe(

@@ -130,11 +130,18 @@ class MaskDecoder(nn.Module):
         of "no mask" (1, C, h, w), for `forward(..., image_side=...)`."""
         side = self.transformer.prepare_image(image_embeddings + dense, image_pe)
         if self._foldable() and side.keys.device.type == "cpu":
-            conv1 = self.output_upscaling[0]
-            norms = (layer.norm4 for layer in self.transformer.layers)
-            h = folded_weights(conv1, *norms, side.keys.dtype)[0]
+            h = self._folded_weights(side.keys.dtype)[0]
             side = side._replace(upscale=side.keys @ h)  # 1 x N x 4 C1: X H (upscale_fold)
         return side
+
+    def _folded_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """`folded_weights` of this decoder, derived once per parameter state."""
+        conv1 = self.output_upscaling[0]
+        norms = [layer.norm4 for layer in self.transformer.layers]
+        params = [conv1.weight, conv1.bias, *(p for n in norms for p in n.parameters())]
+        return self._derived(
+            f"folded {dtype}", params, lambda: folded_weights(conv1, *norms, dtype)
+        )
 
     def _foldable(self) -> bool:
         """Whether `folded_conv` applies to this decoder's structure (SAM's: 2 layers)."""
@@ -279,13 +286,7 @@ class MaskDecoder(nn.Module):
         w2 = conv2.weight.permute(0, 2, 3, 1).flatten(1)  # C1 x (2 2 C2)
         hw = image_tokens.shape[1]
         if folded is not None:  # per prompt, also where the image tokens are one for all
-            dtype = folded.image.dtype
-            norms = [layer.norm4 for layer in self.transformer.layers]
-            params = [conv1.weight, conv1.bias, *(p for n in norms for p in n.parameters())]
-            weights = self._derived(
-                f"folded {dtype}", params, lambda: folded_weights(conv1, *norms, dtype)
-            )
-            x = folded_conv(folded, weights)
+            x = folded_conv(folded, self._folded_weights(folded.image.dtype))
         else:  # bias + product in one addmm
             x = torch.addmm(conv1.bias.repeat(4), image_tokens.reshape(-1, w1.shape[0]), w1)
         x = x.view(-1, hw * 4, c1)  # B x (hw 2 2) x C1
