@@ -9,7 +9,7 @@ Comparisons are exact except predicted IoU and stability scores (float32, atol 1
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -63,11 +63,19 @@ def disk_generator(model, **options) -> SamAutomaticMaskGenerator:
     decode = disk_decoder(model)
     generator.predictor._decode = decode
     # the split hooks (IoU first, masks of chosen prompts) that the IoU filter uses
-    generator.predictor._decode_tokens = lambda *args: SimpleNamespace(
-        **dict(zip(("low_res", "iou_pred"), decode(*args), strict=True))
-    )
+    generator.predictor._decode_tokens = lambda *args: _DiskTokens(*decode(*args))
     generator.predictor._decode_masks = lambda tokens, prompts: tokens.low_res[prompts]
     return generator
+
+
+class _DiskTokens(NamedTuple):
+    """`disk_decoder`'s masks standing in for `DecodedTokens`."""
+
+    low_res: torch.Tensor
+    iou_pred: torch.Tensor
+
+    def prompts_between(self, start: int, stop: int) -> _DiskTokens:
+        return _DiskTokens(self.low_res[start:stop], self.iou_pred[start:stop])
 
 
 def photo(h: int = 48, w: int = 72, seed: int = 0) -> np.ndarray:
@@ -383,6 +391,28 @@ def test_generate_is_deterministic(model) -> None:
     assert len(first) == len(second) > 0
     for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a.pop("segmentation"), b.pop("segmentation"))
+        assert a == b
+
+
+def test_several_batches_per_decoder_call_give_the_same_records(model, monkeypatch) -> None:
+    # on CUDA the generator decodes whole groups of batches per call (`_points_per_decode`)
+    # and filters them batch by batch; forced here on the CPU: groups of 3 batches of 5
+    # points over 16 points (a last group of one point), against one batch per call
+    options = {"points_per_side": 4, "points_per_batch": 5, "pred_iou_thresh": 0.01}
+    options |= {"stability_score_thresh": 0.0, "crop_n_layers": 1}
+    image = photo(seed=3)
+    alone = SamAutomaticMaskGenerator(model, **options)
+    assert alone._points_per_decode() == 5  # the CPU decodes one batch per call
+    want = alone.generate(image)
+    grouped = SamAutomaticMaskGenerator(model, **options)
+    monkeypatch.setattr(grouped, "_points_per_decode", lambda: 15)
+    got = grouped.generate(image)
+    assert len(got) == len(want) > 0
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a.pop("segmentation"), b.pop("segmentation"))
+        # the batched products of 15 prompts round differently from those of 5 (fp32)
+        for key in ("predicted_iou", "stability_score"):
+            assert abs(a.pop(key) - b.pop(key)) <= ATOL
         assert a == b
 
 

@@ -85,13 +85,23 @@ class GraphCache:
     `inputs` is a tuple of tensors (or None) of the call's own data, `args` plain values; each
     layout of both gets its own graph, recorded on its second use. The result is a NamedTuple
     whose tensors are returned as fresh copies (not overwritten by later replays).
+
+    buffers > 1: each layout gets that many graphs, replayed in turn, and a replay's outputs
+    are returned as they are, without the copy: they stay valid until `buffers` more calls of
+    the same layout (for a caller that holds at most that many results at a time; segment
+    everything holds two batches, and copying a batch's 64 x 4096 x 256 image tokens cost
+    ~0.2 ms of a ~4 ms batch on an H100).
     """
 
-    def __init__(self, fn: Callable, *, max_batch: int | None, max_graphs: int) -> None:
+    def __init__(
+        self, fn: Callable, *, max_batch: int | None, max_graphs: int, buffers: int = 1
+    ) -> None:
         self.fn = fn
         self.max_batch = max_batch
         self.max_graphs = max_graphs
-        self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.buffers = buffers
+        self._graphs: OrderedDict[tuple, list[_Graph]] = OrderedDict()
+        self._turn: dict[tuple, int] = {}
         self._seen: set[tuple] = set()
         self._features: torch.Tensor | None = None  # static image embedding
         self._side: ImageSide | None = None  # static prepared image side
@@ -109,17 +119,24 @@ class GraphCache:
                 self._seen.add(key)
             return self.fn(features, image_side, inputs, *args)
         self._load_image(features, image_side)
-        graph = self._graphs.get(key)
-        if graph is None:
-            graph = self._record(inputs, image_side is not None, args)
-            self._graphs[key] = graph
+        graphs = self._graphs.get(key)
+        if graphs is None:
+            graphs = self._graphs[key] = []
             if len(self._graphs) > self.max_graphs:
-                self._graphs.popitem(last=False)
+                dropped, _ = self._graphs.popitem(last=False)
+                self._turn.pop(dropped, None)
         self._graphs.move_to_end(key)
+        turn = self._turn.get(key, 0)
+        self._turn[key] = (turn + 1) % self.buffers
+        if turn == len(graphs):
+            graphs.append(self._record(inputs, image_side is not None, args))
+        graph = graphs[turn]
         for static, value in zip(graph.inputs, inputs, strict=True):
             if static is not None:
                 static.copy_(value)
         graph.graph.replay()
+        if self.buffers > 1:
+            return graph.outputs
         return _rebuilt(graph.outputs, (_cloned(x) for x in graph.outputs))
 
     def _layout(
@@ -140,7 +157,7 @@ class GraphCache:
         """Copy a new image into the static tensors every graph reads."""
         if self._source is not features:
             if self._features is None or self._features.shape != features.shape:
-                self._graphs.clear()  # recorded on tensors of another shape
+                self._forget()  # recorded on tensors of another shape
                 self._features = features.clone()
             else:
                 self._features.copy_(features)
@@ -150,12 +167,16 @@ class GraphCache:
         if self._side is None or any(
             a.shape != b.shape for a, b in zip(self._side, image_side, strict=True)
         ):
-            self._graphs.clear()
+            self._forget()
             self._side = ImageSide(*(t.clone() for t in image_side))
         else:
             for static, value in zip(self._side, image_side, strict=True):
                 static.copy_(value)
         self._side_source = features
+
+    def _forget(self) -> None:
+        self._graphs.clear()
+        self._turn.clear()
 
     def _record(self, inputs: tuple, with_side: bool, args: tuple) -> _Graph:
         inputs = _rebuilt(inputs, (_cloned(t) for t in inputs))

@@ -74,7 +74,11 @@ class SamPredictor:
         self._prompt_graphs = GraphCache(
             self._run_prompts, max_batch=MAX_GRAPH_BATCH, max_graphs=MAX_GRAPHS
         )
-        self._token_graphs = GraphCache(self._run_decode_tokens, max_batch=None, max_graphs=2)
+        # segment everything holds two batches' results at a time (it reads batch i while
+        # batch i+1 runs): two graphs per layout, whose outputs are returned without a copy
+        self._token_graphs = GraphCache(
+            self._run_decode_tokens, max_batch=None, max_graphs=2, buffers=2
+        )
         self.reset_image()
 
     @classmethod
@@ -392,7 +396,9 @@ class SamPredictor:
         """`_decode` up to the IoU predictions; `_decode_masks` gives the masks of any prompts.
 
         On CUDA, replayed from a CUDA graph per prompt layout (segment everything decodes
-        batches of the same layout: it is bound by kernel launches otherwise).
+        batches of the same layout: it is bound by kernel launches otherwise). A replayed
+        result's tensors belong to the graph: valid until the second next call with the same
+        layout (the generator holds at most two), so copy what must live longer.
         """
         side = self._prepared(features, mask_input)
         prompts = (point_coords, point_labels, boxes, mask_input)

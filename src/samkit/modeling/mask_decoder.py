@@ -382,3 +382,13 @@ class DecodedTokens(NamedTuple):
     mask_ids: range  # which of the num_mask_tokens outputs the K are
     size: tuple[int, int]  # (h, w) of the image token map
     folded: UpscaleFactors | None = None  # for the folded upscaling (CPU), if it applies
+
+    def prompts_between(self, start: int, stop: int) -> DecodedTokens:
+        """The result of prompts start..stop-1 alone (views)."""
+        image = self.image_tokens
+        return self._replace(
+            iou_pred=self.iou_pred[start:stop],
+            mask_tokens=self.mask_tokens[start:stop],
+            image_tokens=image if image.shape[0] == 1 else image[start:stop],
+            folded=None if self.folded is None else self.folded.select(slice(start, stop)),
+        )
