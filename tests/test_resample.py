@@ -91,6 +91,24 @@ def test_positive_with_nan_and_inf_is_the_threshold():
     assert torch.equal(got, resample_separable(masks, *maps) > 0)
 
 
+def test_positive_with_huge_logits_and_nan_in_unread_rows():
+    """Finite logits whose sum overflows take the general path, and a NaN in rows the map never
+    reads (below the image's resized height) does not matter: both equal `> 0`."""
+    maps = postprocess_maps((40, 40), 160, (107, 160), (31, 45))
+    g = torch.Generator().manual_seed(5)
+    sign = torch.where(torch.rand(2, 40, 40, generator=g) < 0.8, 1.0, -1.0)
+    huge = sign * (1 + torch.rand(2, 40, 40, generator=g)) * 1e38  # mostly positive, finite
+    assert not torch.isfinite(huge.sum()) and torch.isfinite(huge).all()
+    want = resample_separable(huge, *maps) > 0
+    assert torch.equal(resample_separable(huge, *maps, positive=True), want)
+    masks = torch.randn(2, 40, 40, generator=torch.Generator().manual_seed(6))
+    unread = maps[0].used
+    assert unread < 40
+    masks[:, unread:] = float("nan")
+    got = resample_separable(masks, *maps, positive=True)
+    assert torch.equal(got, resample_separable(masks, *maps) > 0)
+
+
 def test_axis_map_is_a_band_of_at_most_three_taps():
     """Each output reads two neighbouring intermediate pixels, each of which reads two
     neighbouring low-res pixels four apart at most: at most 3 low-res taps, weights sum to 1."""

@@ -129,7 +129,11 @@ def resample_separable(
     """(N, h, w) float32 -> (N, H, W): the width map on the rows the height map reads, then
     the height map. positive: the bool `result > 0` instead (`_positive_rows`)."""
     n, rows = masks.shape[0], height.used
-    finite = positive and bool(torch.isfinite(masks).all())
+    # all finite (the fast threshold's condition) if their sum is: a NaN or an infinity makes
+    # the sum NaN or infinite, and a sum that overflows only sends finite values down the
+    # general path; the sum costs a tenth of isfinite().all() (3 x 256 x 256 on 2 threads:
+    # 28 vs 316 us)
+    finite = positive and bool(torch.isfinite(masks[:, :rows].sum()))
     x = masks[:, :rows].reshape(n * rows, masks.shape[-1])  # (N r) x w
     blocks, k, block = width.weights.shape
     gathered = x.index_select(1, width.index.flatten()).view(n * rows, blocks, k)
