@@ -74,6 +74,9 @@ def test_counts_and_decode_paths_match_references(
         monkeypatch.setattr(rle_batch, "_TOGGLE_RUN", toggle_run)
         np.testing.assert_array_equal(rle_batch._decode_host(batch), flat)
     np.testing.assert_array_equal(rle_batch._decode_device(batch).numpy(), flat)
+    for block in (1, 16, 64):  # the two-level scan over many blocks, ragged last block
+        monkeypatch.setattr(rle_batch, "_SCAN_BLOCK", block)
+        np.testing.assert_array_equal(rle_batch._decode_device(batch).numpy(), flat)
     np.testing.assert_array_equal(batch.decode().numpy(), masks)
 
 

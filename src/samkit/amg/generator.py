@@ -25,10 +25,11 @@ from samkit.amg.geometry import (
     uncrop_boxes_xyxy,
     uncrop_masks,
 )
-from samkit.amg.masks import calculate_stability_score
+from samkit.amg.masks import calculate_stability_score, stability_from_counts
 from samkit.amg.postprocess import remove_small_regions
 from samkit.amg.records import OUTPUT_MODES, MaskRecord, MaskTable, OutputMode, make_records
 from samkit.amg.rle_batch import RleBatch
+from samkit.kernels import mask_stats
 from samkit.modeling import PointLabel, Sam
 from samkit.modeling.mask_decoder import DecodedTokens
 from samkit.predictor import SamPredictor
@@ -287,12 +288,10 @@ class SamAutomaticMaskGenerator:
             low_res[:, None], predictor.input_size, predictor.original_size
         )[:, 0]  # Nx1xhxw -> NxHcxWc, the crop's size
 
-        stability = calculate_stability_score(
+        masks, stability, boxes, areas = threshold_statistics(
             logits, model.mask_threshold, self.stability_score_offset
         )
-        masks = logits > model.mask_threshold
         del logits
-        boxes, areas = boxes_and_areas(masks)
         # the official applies these one after the other; together they keep the same masks
         keep = ~is_box_near_crop_edge(
             boxes, crop_box, [0, 0, orig_w, orig_h], atol=CROP_EDGE_TOLERANCE
@@ -367,6 +366,22 @@ class _Batch(NamedTuple):
     tokens: DecodedTokens | None = None
     low_res: Tensor | None = None  # (B, 3, 256, 256) logits
     iou_preds: Tensor | None = None  # (B, 3)
+
+
+def threshold_statistics(
+    logits: Tensor, threshold: float, offset: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Masks [N, H, W] bool (logits > threshold), their stability scores [N] float32, tight
+    XYXY boxes [N, 4] int64 and areas [N] int64 from full-size logits [N, H, W]: one pass on
+    CUDA (`samkit.kernels.mask_stats`), else `calculate_stability_score` and
+    `boxes_and_areas`."""
+    if mask_stats.supported(logits):
+        masks, tight, loose, areas, extents = mask_stats.mask_statistics(logits, threshold, offset)
+        boxes = torch.where(areas[:, None] > 0, extents.long(), 0)
+        return masks, stability_from_counts(tight, loose), boxes, areas.long()
+    stability = calculate_stability_score(logits, threshold, offset)
+    masks = logits > threshold
+    return masks, stability, *boxes_and_areas(masks)
 
 
 def boxes_and_areas(masks: Tensor) -> tuple[Tensor, Tensor]:

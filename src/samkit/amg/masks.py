@@ -139,7 +139,11 @@ def calculate_stability_score(
     row_dtype = torch.int16 if mask_logits.shape[-1] <= _INT16_MAX else torch.int32
     tight = (mask_logits > mask_threshold + threshold_offset).sum(-1, dtype=row_dtype)
     loose = (mask_logits > mask_threshold - threshold_offset).sum(-1, dtype=row_dtype)
-    tight = tight.sum(-1, dtype=torch.int32)
-    loose = loose.sum(-1, dtype=torch.int32)
+    return stability_from_counts(tight.sum(-1, dtype=torch.int32), loose.sum(-1, dtype=torch.int32))
+
+
+def stability_from_counts(tight: Tensor, loose: Tensor) -> Tensor:
+    """`calculate_stability_score` from the integer pixel counts above the tight and the loose
+    threshold: tight / loose as float32, 0 where the loose mask is empty."""
     score = tight / loose.clamp(min=1)
     return torch.where(loose > 0, score, torch.zeros_like(score))

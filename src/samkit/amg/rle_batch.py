@@ -26,6 +26,8 @@ from samkit.amg.masks import coco_encode_rle
 _CHUNK_RUNS = 1 << 24
 # mask pixels decoded at once on a device for host masks (bytes of each pinned staging buffer)
 _STAGING_PIXELS = 1 << 26
+# pixels per block of the two-level running sum that decodes masks on a device
+_SCAN_BLOCK = 4096
 # on the CPU, masks whose mean run is shorter than this decode by toggles, others by np.repeat
 _TOGGLE_RUN = 64
 
@@ -222,14 +224,24 @@ class RleBatch:
 
 
 def _decode_device(rles: RleBatch) -> Tensor:
-    """[B, W*H] bool: a toggle at every change position, and the running parity of the toggles."""
+    """[B, W*H] bool: a toggle at every change position, and the running parity of the toggles.
+
+    The running sum is taken in blocks of `_SCAN_BLOCK` pixels, then over the blocks' totals:
+    one scan along each mask's W*H pixels leaves the GPU nearly idle (a few long rows; 3072
+    masks of 1000x1500 on an H100: 147 ms of cumsum).
+    """
     h, w = rles.size
-    b = len(rles)
+    b, n = len(rles), h * w
+    blocks = -(-n // _SCAN_BLOCK)
     # uint8 sums wrap, but their parity stays exact
-    toggles = torch.zeros((b, h * w), dtype=torch.uint8, device=rles.device)
+    toggles = torch.zeros((b, blocks * _SCAN_BLOCK), dtype=torch.uint8, device=rles.device)
     toggles[rles._owners(), rles.starts.long()] = 1
     toggles[:, 0] = rles.first.to(torch.uint8)
-    return torch.cumsum(toggles, dim=1, dtype=torch.uint8).bitwise_and_(1).bool()
+    inner = torch.cumsum(toggles.view(b, blocks, _SCAN_BLOCK), dim=2, dtype=torch.uint8)
+    totals = inner[:, :, -1]
+    before = torch.cumsum(totals, dim=1, dtype=torch.uint8).sub_(totals)  # earlier blocks' sum
+    inner.add_(before[:, :, None]).bitwise_and_(1)
+    return inner.view(b, blocks * _SCAN_BLOCK)[:, :n].bool()
 
 
 def _decode_device_to_host(rles: RleBatch, block: np.ndarray) -> None:
