@@ -72,12 +72,16 @@ class RleBatch:
         flat = masks.transpose(1, 2).reshape(b, h * w)  # BxHxW -> Bx(W*H), column-major
         # rows of `change` are (mask, p) with pixel p + 1 != pixel p, sorted by mask then p
         change = (flat[:, 1:] != flat[:, :-1]).nonzero()
-        per_mask = torch.bincount(change[:, 0], minlength=b)
+        # the rows are sorted by mask: mask i's run starts begin after those of masks < i (a
+        # binary search per mask; bincount's atomics into B bins serialise on a GPU: 192
+        # masks of 1000x1500, H100, 1.35 ms a batch)
+        owners = change[:, 0].contiguous()
+        offsets = torch.searchsorted(owners, torch.arange(b + 1, device=owners.device))
         return cls(
             size=(h, w),
             first=flat[:, 0].clone(),
             starts=(change[:, 1] + 1).to(_position_dtype(h * w)),
-            offsets=_bounds(per_mask),
+            offsets=offsets,
         )
 
     @classmethod
