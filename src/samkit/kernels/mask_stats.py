@@ -51,7 +51,8 @@ def mask_statistics(
     logits = logits.contiguous()
     masks = torch.empty((n, h, w), dtype=torch.bool, device=logits.device)
     counts = torch.zeros((n, 3), dtype=torch.int32, device=logits.device)
-    extents = torch.tensor([w, h, -1, -1], dtype=torch.int32, device=logits.device).repeat(n, 1)
+    extents = torch.full((n, 4), -1, dtype=torch.int32, device=logits.device)  # no host copy
+    extents[:, 0], extents[:, 1] = w, h
     if n and h and w:
         grid = (triton.cdiv(h, ROWS), n)
         _mask_statistics[grid](
