@@ -120,6 +120,8 @@ class SamAutomaticMaskGenerator:
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
         self.max_mask_region_fraction = max_mask_region_fraction
+        # `_points_per_decode`, once decided: (points_per_batch, points per decoder call)
+        self._decode_points: tuple[int, int] | None = None
 
     @property
     def model(self) -> Sam:
@@ -206,14 +208,22 @@ class SamAutomaticMaskGenerator:
         time on CUDA with the IoU filter on (each call's work is then large enough to fill the
         GPU: vit_b, 1024 points on an H100, 114 ms per image at 64 points a call, 96 at 256),
         as long as about 32 MiB of work space per point stays under a quarter of the free
-        device memory. The masks of each batch are still decoded batch by batch."""
+        device memory. The masks of each batch are still decoded batch by batch.
+
+        Decided on the first call and kept: one decoder layout (one pair of CUDA graphs) for
+        every image, whatever the memory the first images leave cached."""
         batch = self.points_per_batch
         device = self.model.device
         if device.type != "cuda" or self.pred_iou_thresh <= 0.0 or batch >= MAX_POINTS_PER_DECODE:
             return batch
-        free, _ = torch.cuda.mem_get_info(device)
-        fit = free // 4 // DECODE_BYTES_PER_POINT
-        return batch * max(1, min(MAX_POINTS_PER_DECODE, fit) // batch)
+        if self._decode_points is None or self._decode_points[0] != batch:
+            free, _ = torch.cuda.mem_get_info(device)
+            # memory PyTorch holds in its cache is free to it too
+            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            fit = free // 4 // DECODE_BYTES_PER_POINT
+            points = batch * max(1, min(MAX_POINTS_PER_DECODE, fit) // batch)
+            self._decode_points = (batch, points)
+        return self._decode_points[1]
 
     def _decode_batch(self, embedding: Tensor, coords: Tensor, first_point_id: int) -> _Batch:
         """Queue the decoder on points `coords` ([B, 1, 2] model frame); no host sync."""
