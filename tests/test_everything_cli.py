@@ -167,3 +167,60 @@ def test_fast_flag_runs(tmp_path, checkpoint, capsys) -> None:
     assert _run([tmp_path / "in"], tmp_path / "out", checkpoint, "--fast") == 0
     assert "1 done" in capsys.readouterr().out
     assert (tmp_path / "out" / "a.json").exists()
+
+
+def test_outputs_of_many_images_match_the_generator(tmp_path, checkpoint) -> None:
+    """Images read ahead and written by worker threads: each JSON holds its own image's
+    records (as the generator gives them, image by image) and image id, a corrupt file in the
+    middle is skipped, and every overlay is the image's."""
+    from samkit import SamAutomaticMaskGenerator, load_sam
+    from samkit.amg.export import overlay, sa1b_document
+    from samkit.io import load_image
+
+    names = [f"img{i}.png" for i in range(6)]
+    paths = _photos(tmp_path / "in", names[:3], h=30, w=44) + _photos(
+        tmp_path / "in", names[3:], h=40, w=28
+    )
+    (tmp_path / "in" / "img2b.jpg").write_bytes(b"\xff\xd8 broken")
+    out = tmp_path / "out"
+    assert _run([tmp_path / "in"], out, checkpoint, "--overlay") == 1
+    generator = SamAutomaticMaskGenerator(
+        load_sam(checkpoint),
+        points_per_side=4,
+        pred_iou_thresh=0,
+        stability_score_thresh=0,
+        box_nms_thresh=0.9,
+        output_mode="coco_rle",
+    )
+    order = sorted([*paths, tmp_path / "in" / "img2b.jpg"])
+    for path in paths:
+        image = load_image(path)
+        records = generator.generate_records(image)
+        want = sa1b_document(
+            records,
+            image_id=order.index(path) + 1,
+            file_name=path.name,
+            height=image.shape[0],
+            width=image.shape[1],
+        )
+        got = json.loads((out / f"{path.stem}.json").read_text())
+        assert got["image"] == want["image"]
+        assert len(got["annotations"]) == len(want["annotations"]) > 0
+        for a, b in zip(got["annotations"], want["annotations"], strict=True):
+            assert a["segmentation"] == b["segmentation"] and a["bbox"] == b["bbox"]
+            assert a["predicted_iou"] == pytest.approx(b["predicted_iou"], abs=1e-6)
+        drawn = np.asarray(Image.open(out / f"{path.stem}.overlay.png"))
+        assert np.array_equal(drawn, overlay(image, records))
+
+
+def test_a_failed_write_is_reported_and_the_others_go_on(tmp_path, checkpoint, capsys) -> None:
+    _photos(tmp_path / "in", ["a.png", "b.png", "c.png"])
+    out = tmp_path / "out"
+    (out / "b.json").mkdir(parents=True)  # a folder where the output file must go
+    assert _run([tmp_path / "in"], out, checkpoint, "--overwrite") == 1
+    captured = capsys.readouterr()
+    [failure] = [line for line in captured.err.splitlines() if "failed" in line]
+    assert "cannot write the outputs of" in failure and "b.png" in failure
+    assert "2 done, 0 skipped (output exists), 1 failed" in captured.out
+    assert (out / "a.json").is_file() and (out / "c.json").is_file()
+    assert not list(out.glob(".*"))  # no temp files left behind

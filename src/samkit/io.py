@@ -21,6 +21,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 100_000_000
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif"})
+# zlib level of written PNGs: fast (level 1 files are ~7% larger than the default 6 on photos)
+PNG_COMPRESS_LEVEL = 1
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF and BigTIFF
 _GLOB_CHARS = frozenset("*?[")
@@ -255,6 +257,8 @@ def save_png(path: PathLike, array: np.ndarray) -> None:
     """Write a uint8 HxW (gray), HxWx3 (RGB) or HxWx4 (RGBA) array as a PNG, atomically.
 
     Parent folders are created. A bool mask must be converted first, e.g. `mask * np.uint8(255)`.
+    zlib level 1 (PNG_COMPRESS_LEVEL): a 1000x1500 photo's overlay takes 158 ms and 2.29 MB
+    against 636 ms and 2.14 MB at PIL's default level 6 (benchmarks/README.md).
     """
     arr = np.asarray(array)
     if arr.dtype != np.uint8:
@@ -262,7 +266,9 @@ def save_png(path: PathLike, array: np.ndarray) -> None:
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
         raise ValueError(f"save_png needs an HxW, HxWx3 or HxWx4 array, got shape {arr.shape}")
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr)).save(buffer, format="PNG")
+    Image.fromarray(np.ascontiguousarray(arr)).save(
+        buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL
+    )
     write_atomic(path, buffer.getvalue())
 
 

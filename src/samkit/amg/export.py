@@ -20,7 +20,7 @@ from pycocotools import mask as coco_mask
 
 from samkit.amg.masks import coco_encode_rle
 from samkit.amg.records import MaskRecord
-from samkit.io import write_atomic
+from samkit.io import PNG_COMPRESS_LEVEL, write_atomic
 
 # the official scripts/amg.py columns, one row per mask, `id` = i of `<i>.png`
 METADATA_COLUMNS = (
@@ -106,7 +106,7 @@ def write_mask_folder(folder: str | os.PathLike, records: Sequence[MaskRecord]) 
     try:
         for i, record in enumerate(records):
             png = Image.fromarray(record.mask().astype(np.uint8) * np.uint8(255))
-            png.save(tmp / f"{i}.png", format="PNG", compress_level=1)
+            png.save(tmp / f"{i}.png", format="PNG", compress_level=PNG_COMPRESS_LEVEL)
         (tmp / METADATA_FILE).write_text(metadata_csv(records), encoding="utf-8")
         _replace_folder(tmp, target)
     except BaseException:
