@@ -184,6 +184,45 @@ def test_low_precision_forward_tracks_fp32(dtype):
     assert cos > 0.98
 
 
+@pytest.mark.parametrize(
+    ("cin", "cout", "kernel", "stride", "padding", "bias"),
+    [(7, 5, 1, 1, 0, False), (6, 4, 3, 1, 1, False), (1, 4, 2, 2, 0, True), (3, 8, 3, 2, 1, True)],
+)
+def test_conv2d_as_matmul_equals_the_convolution(cin, cout, kernel, stride, padding, bias):
+    """The GEMM form that the fp32 CUDA path of samkit's Conv2d takes (run here on the CPU)."""
+    from samkit.modeling.common import Conv2d, conv2d_as_matmul
+
+    torch.manual_seed(0)
+    conv = Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=bias).double()
+    x = torch.randn(2, cin, 9, 12, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(conv2d_as_matmul(conv, x), conv(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_default_cuda_path_is_fp32_with_pytorch_tf32_defaults():
+    """With PyTorch's defaults (cuDNN may use TF32, matmuls may not), the image embedding and a
+    mask prompt's dense embedding on CUDA stay within 2e-5 of the CPU's fp32 result: fp32
+    reassociation gives ~1e-6; one TF32 convolution (10-bit mantissa) gives ~1e-4."""
+    model = random_sam(TINY)
+    image = torch.randn(2, 3, 160, 160)
+    mask = torch.randn(2, 1, 4 * 10, 4 * 10)
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+    try:
+        with torch.no_grad():
+            cpu_emb = model.image_encoder(image)
+            cpu_dense = model.prompt_encoder(None, None, mask)[1]
+            gpu = model.cuda()
+            gpu_emb = gpu.image_encoder(image.cuda()).cpu()
+            gpu_dense = gpu.prompt_encoder(None, None, mask.cuda())[1].cpu()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+    assert_close_scaled(gpu_emb, cpu_emb, rel=2e-5)
+    assert_close_scaled(gpu_dense, cpu_dense, rel=2e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_paths_match_cpu_reference():

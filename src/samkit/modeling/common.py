@@ -22,6 +22,40 @@ class LayerNorm2d(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
+class Conv2d(nn.Conv2d):
+    """`nn.Conv2d` whose fp32 CUDA calls are a GEMM over unfolded patches (`conv2d_as_matmul`).
+
+    cuDNN runs fp32 convolutions in TF32 unless `torch.backends.cudnn.allow_tf32` is switched
+    off, and PyTorch leaves it on: the neck's two convolutions then move vit_b's image
+    embeddings by ~2e-4 of their scale from fp32 (and from the CPU's result). As a GEMM the
+    convolution follows the matmul precision setting instead, fp32 by default, like every other
+    product of the model. Other dtypes and devices call cuDNN (or the CPU kernel) as usual.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dtype == torch.float32:
+            return conv2d_as_matmul(self, x)
+        return super().forward(x)
+
+
+def conv2d_as_matmul(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)` for x (B, C, H, W) as unfolded patches (B, C*kh*kw, L) times the flattened
+    weight; zero padding and one group only."""
+    if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return conv(x)
+    cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    out = conv.weight.flatten(1) @ cols  # O x (C kh kw) by B x (C kh kw) x L -> B x O x L
+    if conv.bias is not None:
+        out = out + conv.bias[:, None]
+    size = [
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, p, d, k, s in zip(
+            x.shape[-2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride, strict=True
+        )
+    ]
+    return out.view(x.shape[0], -1, *size)
+
+
 class MLPBlock(nn.Module):
     """Two linear layers with an activation between them (the transformer feed-forward)."""
 

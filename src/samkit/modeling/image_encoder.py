@@ -8,7 +8,7 @@ from torch import nn
 
 from samkit.config import ImageEncoderConfig
 from samkit.modeling.attention import AttentionBackend, attention
-from samkit.modeling.common import LayerNorm2d, MLPBlock, drop_path
+from samkit.modeling.common import Conv2d, LayerNorm2d, MLPBlock, drop_path
 
 
 class ImageEncoderViT(nn.Module):
@@ -42,9 +42,9 @@ class ImageEncoderViT(nn.Module):
             for i in range(config.depth)
         )
         self.neck = nn.Sequential(
-            nn.Conv2d(config.embed_dim, config.out_chans, kernel_size=1, bias=False),
+            Conv2d(config.embed_dim, config.out_chans, kernel_size=1, bias=False),
             LayerNorm2d(config.out_chans),
-            nn.Conv2d(config.out_chans, config.out_chans, kernel_size=3, padding=1, bias=False),
+            Conv2d(config.out_chans, config.out_chans, kernel_size=3, padding=1, bias=False),
             LayerNorm2d(config.out_chans),
         )
 

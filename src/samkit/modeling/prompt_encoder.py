@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from samkit.config import PromptEncoderConfig
-from samkit.modeling.common import LayerNorm2d
+from samkit.modeling.common import Conv2d, LayerNorm2d
 
 
 class PointLabel(IntEnum):
@@ -44,13 +44,13 @@ class PromptEncoder(nn.Module):
         self.mask_input_size = (4 * embedding_size, 4 * embedding_size)
         hidden = config.mask_in_chans
         self.mask_downscaling = nn.Sequential(
-            nn.Conv2d(1, hidden // 4, kernel_size=2, stride=2),
+            Conv2d(1, hidden // 4, kernel_size=2, stride=2),
             LayerNorm2d(hidden // 4),
             nn.GELU(),
-            nn.Conv2d(hidden // 4, hidden, kernel_size=2, stride=2),
+            Conv2d(hidden // 4, hidden, kernel_size=2, stride=2),
             LayerNorm2d(hidden),
             nn.GELU(),
-            nn.Conv2d(hidden, dim, kernel_size=1),
+            Conv2d(hidden, dim, kernel_size=1),
         )
         self.no_mask_embed = nn.Embedding(1, dim)
 
