@@ -224,3 +224,36 @@ def test_a_failed_write_is_reported_and_the_others_go_on(tmp_path, checkpoint, c
     assert "2 done, 0 skipped (output exists), 1 failed" in captured.out
     assert (out / "a.json").is_file() and (out / "c.json").is_file()
     assert not list(out.glob(".*"))  # no temp files left behind
+
+
+def test_pending_outputs_stay_within_the_memory_bound(tmp_path, checkpoint, monkeypatch) -> None:
+    """With no memory to spare for waiting images (PENDING_BYTES 0), each image's outputs are
+    written before the next image's are queued, however many writer threads there are."""
+    import threading
+    import time
+
+    from samkit.cli import everything
+
+    running, most = 0, 0
+    lock = threading.Lock()
+    write = everything._write_outputs
+
+    def slow_write(*args) -> None:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.2)  # slower than segmenting a tiny image, so writes would overlap
+        try:
+            write(*args)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(everything, "_write_outputs", slow_write)
+    monkeypatch.setattr(everything, "WRITERS", 3)
+    monkeypatch.setattr(everything, "PENDING_BYTES", 0)
+    _photos(tmp_path / "in", ["a.png", "b.png", "c.png", "d.png"])
+    assert _run([tmp_path / "in"], tmp_path / "out", checkpoint, "--format", "png") == 0
+    assert most == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "b", "c", "d"]

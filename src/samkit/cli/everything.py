@@ -30,6 +30,9 @@ OVERLAY_SUFFIX = ".overlay.png"
 # 100 masks takes ~0.3 s to draw and ~0.16 s to write as PNG; see benchmarks/README.md)
 READ_AHEAD = 2
 WRITERS = max(1, min(4, os.cpu_count() or 1))
+# host memory that images waiting for their outputs may hold (an image and, for --format png,
+# its bool masks: 100 masks of a 24 Mpixel photo take 2.4 GB); one image is always allowed
+PENDING_BYTES = 2**30
 
 EXAMPLES = """\
   # SA-1B JSON (COCO RLE) per image, for every image under photos/ (recursively)
@@ -192,12 +195,13 @@ def _segment_all(
     """Read, segment and write each (image path, output name, image id) of `jobs`, with the
     host's reading and writing beside the model's work: one thread reads READ_AHEAD images
     ahead, WRITERS threads write the outputs of segmented ones (the records of at most
-    WRITERS + 1 images are held)."""
+    WRITERS + 1 images, and of more than one only within PENDING_BYTES, are held)."""
     from samkit.io import ImageReadError, load_image
 
     upcoming = iter(jobs)
     reads: deque = deque()  # (job, future image)
-    writes: deque = deque()  # (image path, future None)
+    writes: deque = deque()  # (image path, bytes held, future None)
+    held = 0
 
     def read_next() -> None:
         job = next(upcoming, None)
@@ -205,7 +209,9 @@ def _segment_all(
             reads.append((job, reader.submit(load_image, job[0])))
 
     def finish_write() -> None:
-        path, future = writes.popleft()
+        nonlocal held
+        path, size, future = writes.popleft()
+        held -= size
         try:
             future.result()
         except OSError as e:  # disk full, permissions: this image fails, the others go on
@@ -229,10 +235,14 @@ def _segment_all(
             except (ImageReadError, torch.OutOfMemoryError) as e:
                 tally.fail(_one_line(e, path))
             else:
-                while len(writes) > WRITERS:
+                size = image.nbytes
+                if args.format == "png":  # bool masks; SA-1B JSON keeps COCO RLE strings
+                    size += len(records) * image.shape[0] * image.shape[1]
+                while writes and (len(writes) > WRITERS or held + size > PENDING_BYTES):
                     finish_write()
                 job = (args, path, name, image_id, image, records)
-                writes.append((path, writer.submit(_write_outputs, *job)))
+                writes.append((path, size, writer.submit(_write_outputs, *job)))
+                held += size
             bar.update()
         while writes:
             finish_write()
