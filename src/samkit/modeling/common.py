@@ -27,7 +27,7 @@ class Conv2d(nn.Conv2d):
 
     cuDNN runs fp32 convolutions in TF32 unless `torch.backends.cudnn.allow_tf32` is switched
     off, and PyTorch leaves it on: the neck's two convolutions then move vit_b's image
-    embeddings by ~2e-4 of their scale from fp32 (and from the CPU's result). As a GEMM the
+    embeddings by ~5e-4 of their scale from fp32 (and from the CPU's result). As a GEMM the
     convolution follows the matmul precision setting instead, fp32 by default, like every other
     product of the model. Other dtypes and devices call cuDNN (or the CPU kernel) as usual.
     """
