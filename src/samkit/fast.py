@@ -2,9 +2,10 @@
 
 Nothing here changes the model's definition. `fast=True` on a predictor means, on CUDA: the
 image encoder in bf16 with the rel-pos bias computed inside flash-attention kernels, compiled;
-the prompt encoder and mask decoder in fp32; the image resized and normalised on the GPU. On
-the CPU it means the measured best CPU plan (benchmarks/README.md). (Every CUDA predictor, fast
-or not, replays its prompt path as CUDA graphs: samkit.graphs.)
+the prompt encoder and mask decoder in fp32. On the CPU it means the measured best CPU plan
+(benchmarks/README.md). (Every CUDA predictor, fast or not, replays its prompt path as CUDA
+graphs (samkit.graphs) and resizes images on the GPU with PIL's arithmetic
+(samkit.transforms.resize_uint8).)
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from samkit.modeling import Sam
 from samkit.modeling.attention import AttentionBackend
-from samkit.transforms import get_preprocess_shape
 
 
 @dataclass(frozen=True)
@@ -27,7 +26,6 @@ class SpeedPlan:
     dtype: torch.dtype = torch.float32  # of the image encoder
     attention: AttentionBackend = "sdpa"
     compile_mode: str | None = None  # torch.compile mode for the image encoder; None = eager
-    resize_on_device: bool = False  # resize/normalise on the device instead of with PIL
     gelu_epilogue: bool = False  # encoder MLP GELU (tanh approximation) in the GEMM epilogue
     decoder_dtype: torch.dtype = torch.float32  # of a mask decoder copy
 
@@ -45,7 +43,6 @@ def fast_plan(device: torch.device) -> SpeedPlan:
             # CUDA graphs: vit_b batch 1 157 -> 300 img/s on an H100 (launch gaps gone), batch 8
             # unchanged; max-autotune: +~5-9%, but minutes of autotuning
             compile_mode="reduce-overhead",
-            resize_on_device=True,
             gelu_epilogue=True,
         )
     return CPU_PLAN
@@ -111,13 +108,3 @@ class Accelerated:
         """`MaskDecoder.decode_masks`, fp32 logits."""
         decoder = self.model.mask_decoder if self._low_decoder is None else self._low_decoder
         return decoder.decode_masks(tokens, prompts).float()
-
-    def resize(self, image: torch.Tensor) -> torch.Tensor:
-        """HxWx3 uint8 on the device -> (1, 3, h, w) float 0-255, long side = model input.
-
-        Bilinear with antialiasing (PIL's filter), rounded to integers like PIL's uint8 output.
-        """
-        size = get_preprocess_shape(image.shape[0], image.shape[1], self.model.config.image_size)
-        x = image.permute(2, 0, 1)[None].float()  # HxWxC -> 1xCxHxW
-        x = F.interpolate(x, size, mode="bilinear", align_corners=False, antialias=True)
-        return x.round_().clamp_(0, 255)

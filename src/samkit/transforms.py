@@ -6,10 +6,16 @@ Coordinates are xy pixels; sizes are (h, w).
 
 from __future__ import annotations
 
+import functools
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+# fixed-point fraction bits of Pillow's 8-bit resampling (32 - 8 - 2, libImaging/Resample.c)
+PIL_PRECISION_BITS = 22
 
 
 def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
@@ -64,3 +70,62 @@ class ResizeLongestSide:
         old_h, old_w = original_size[0], original_size[1]
         new_h, new_w = get_preprocess_shape(old_h, old_w, self.target_length)
         return new_w / old_w, new_h / old_h
+
+
+def resize_uint8(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """HxWxC uint8 tensor -> (h, w, C) uint8: PIL's BILINEAR resize, value for value, on the
+    tensor's device.
+
+    Pillow resamples 8-bit images in two passes, horizontal then vertical, each output value
+    sum(input * weight) in fixed point (PIL_PRECISION_BITS fraction bits, rounded, clipped to
+    0..255) with weights computed in float64 (`_bilinear_taps`); the same integer sums here give
+    the same bytes. On a GPU it replaces the host's PIL call, which took 20-24 ms of vit_b's
+    55 ms set_image for a 1000x1500 photo on an H100 machine; on the CPU PIL is faster.
+    """
+    h, w = size
+    return _resize_axis(_resize_axis(image, 1, w), 0, h)
+
+
+def _resize_axis(x: torch.Tensor, dim: int, out: int) -> torch.Tensor:
+    if x.shape[dim] == out:  # PIL skips a pass whose size does not change
+        return x
+    index, weight = _bilinear_taps(x.shape[dim], out, x.device)
+    taps = index.shape[1]
+    shape = [1] * (x.dim() + 1)
+    shape[dim : dim + 2] = [out, taps]
+    # every tap of every output pixel in one gather: (..., out, taps, ...) int32 products
+    # (weights are >= 0 and sum to 2**22: no overflow), summed in int64
+    products = x.index_select(dim, index.flatten()).unflatten(dim, (out, taps)).int()
+    total = (products * weight.view(shape)).sum(dim + 1) + (1 << (PIL_PRECISION_BITS - 1))
+    return (total >> PIL_PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=32)
+def _bilinear_taps(
+    in_size: int, out_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input index and fixed-point weight of each tap of each output pixel, (out, taps) int64
+    and int32, as Pillow's precompute_coeffs and normalize_coeffs_8bpc compute them (bilinear:
+    support 1, widened by the scale when reducing); the same float64 operations in the same
+    order, so the same weights."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = filterscale
+    taps = np.arange(math.ceil(support) * 2 + 1)
+    center = (np.arange(out_size, dtype=np.float64) + 0.5) * scale
+    first = np.maximum(np.trunc(center - support + 0.5).astype(np.int64), 0)
+    count = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - first
+    x = (taps[None, :] + first[:, None]) - center[:, None] + 0.5
+    weight = np.where(
+        taps < count[:, None], np.maximum(1.0 - np.abs(x * (1.0 / filterscale)), 0.0), 0.0
+    )
+    norm = np.zeros(out_size)
+    for tap in taps:  # summed in Pillow's order
+        norm = norm + weight[:, tap]
+    weight = weight / np.where(norm == 0.0, 1.0, norm)[:, None] * float(1 << PIL_PRECISION_BITS)
+    fixed = np.where(weight < 0, np.trunc(weight - 0.5), np.trunc(weight + 0.5))
+    index = np.minimum(taps[None, :] + first[:, None], in_size - 1)  # zero-weight taps: any pixel
+    return (
+        torch.as_tensor(index, device=device),
+        torch.as_tensor(fixed.astype(np.int32), device=device),
+    )
