@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from samkit import transforms
 from samkit.transforms import get_preprocess_shape, resize_uint8
 
 # reductions (photo sizes, a 4000-pixel side: 4 taps wide), enlargements, one axis unchanged,
@@ -26,11 +27,14 @@ SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("gather_bytes", [None, 0])  # one gather per pass, or tap by tap
 @pytest.mark.parametrize("shape", SHAPES)
-def test_resize_uint8_equals_pil_bilinear(shape):
+def test_resize_uint8_equals_pil_bilinear(shape, gather_bytes, monkeypatch):
     """Compared with Pillow itself (an independent implementation) on noise, where every
     weight and every rounding shows: any difference in the taps, their fixed-point weights,
     the pass order or the clipping changes bytes."""
+    if gather_bytes is not None:
+        monkeypatch.setattr(transforms, "GATHER_BYTES", gather_bytes)
     rng = np.random.default_rng(shape[0] * 7919 + shape[1])
     image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
     h, w = get_preprocess_shape(shape[0], shape[1], 1024)

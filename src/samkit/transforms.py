@@ -16,6 +16,9 @@ from PIL import Image
 
 # fixed-point fraction bits of Pillow's 8-bit resampling (32 - 8 - 2, libImaging/Resample.c)
 PIL_PRECISION_BITS = 22
+# largest int32 products tensor of one resize pass gathered at once (a 1000x1500 photo's
+# horizontal pass: 61 MB; a 100 Mpixel one would take 2.7 GB and goes tap by tap instead)
+GATHER_BYTES = 256 * 2**20
 
 
 def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
@@ -91,12 +94,20 @@ def _resize_axis(x: torch.Tensor, dim: int, out: int) -> torch.Tensor:
         return x
     index, weight = _bilinear_taps(x.shape[dim], out, x.device)
     taps = index.shape[1]
-    shape = [1] * (x.dim() + 1)
-    shape[dim : dim + 2] = [out, taps]
-    # every tap of every output pixel in one gather: (..., out, taps, ...) int32 products
-    # (weights are >= 0 and sum to 2**22: no overflow), summed in int64
-    products = x.index_select(dim, index.flatten()).unflatten(dim, (out, taps)).int()
-    total = (products * weight.view(shape)).sum(dim + 1) + (1 << (PIL_PRECISION_BITS - 1))
+    rounding = 1 << (PIL_PRECISION_BITS - 1)
+    # int32 products cannot overflow: the weights are >= 0 and sum to 2**22
+    if x.numel() // x.shape[dim] * out * taps * 4 <= GATHER_BYTES:
+        # every tap of every output pixel in one gather, (..., out, taps, ...), summed in int64
+        shape = [1] * (x.dim() + 1)
+        shape[dim : dim + 2] = [out, taps]
+        products = x.index_select(dim, index.flatten()).unflatten(dim, (out, taps)).int()
+        total = (products * weight.view(shape)).sum(dim + 1) + rounding
+    else:  # large images (many taps when reducing a lot): one tap at a time
+        shape = [1] * x.dim()
+        shape[dim] = out
+        total = torch.full((), rounding, dtype=torch.int32, device=x.device)
+        for tap in range(taps):
+            total = total + x.index_select(dim, index[:, tap]).int() * weight[:, tap].view(shape)
     return (total >> PIL_PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
 
 
