@@ -46,7 +46,7 @@ from samkit.prompts import (
     check_torch_prompts,
     group_objects,
 )
-from samkit.transforms import ResizeLongestSide, get_preprocess_shape, resize_uint8
+from samkit.transforms import ResizeLongestSide
 
 IMAGE_FORMATS = ("RGB", "BGR")
 # numpy results: masks (C, H, W) or (K, C, H, W), scores, low-res logits
@@ -530,12 +530,8 @@ class SamPredictor:
         if image_format != self.model.image_format:
             image = np.ascontiguousarray(image[..., ::-1])
         if self.device.type == "cuda":  # PIL's resize, the same bytes, on the GPU
-            size = get_preprocess_shape(
-                image.shape[0], image.shape[1], self.transform.target_length
-            )
-            resized = resize_uint8(
-                torch.from_numpy(np.ascontiguousarray(image)).to(self.device), size
-            )
+            image = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+            resized = self.transform.apply_image_uint8_torch(image)
         else:
             resized = torch.from_numpy(np.array(self.transform.apply_image(image))).to(self.device)
         return resized.permute(2, 0, 1).contiguous()[None]  # HxWxC -> 1xCxHxW

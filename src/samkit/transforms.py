@@ -40,6 +40,12 @@ class ResizeLongestSide:
         resized = Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR)
         return np.asarray(resized)
 
+    def apply_image_uint8_torch(self, image: torch.Tensor) -> torch.Tensor:
+        """HxWx3 uint8 tensor -> h'xw'x3 uint8 on its device: `apply_image`'s bytes
+        (`resize_uint8`)."""
+        size = get_preprocess_shape(image.shape[0], image.shape[1], self.target_length)
+        return resize_uint8(image, size)
+
     def apply_coords(self, coords: np.ndarray, original_size: tuple[int, ...]) -> np.ndarray:
         """(..., 2) xy in the original image -> xy in the resized image (a float copy)."""
         scale = self._scale(original_size)
