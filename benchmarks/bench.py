@@ -72,6 +72,8 @@ def encoder_factories(args, device, model_type) -> list[Callable]:
         factories.append(lambda sd, mt: impl.official_encoder(sd, mt, device))
         if cuda:
             factories.append(lambda sd, mt: impl.official_encoder(sd, mt, device, dtype=bf16))
+    if cuda and impl.saf_available(model_type) and not args.no_others:
+        factories.append(lambda sd, mt: impl.saf_encoder(sd, mt, device))
     if impl.transformers_available() and not args.no_others:
         factories.append(lambda sd, mt: impl.transformers_encoder(sd, mt, device))
         if cuda:
@@ -108,8 +110,10 @@ def run_encoders(args, device) -> list[dict]:
             with torch.inference_mode():
                 ref_emb = reference.image_encoder(x)
             for factory in encoder_factories(args, device, model_type):
-                rows.append(measure(factory, state_dict, model_type, x, ref_emb, reference, args))
-                print(format_row(rows[-1]), flush=True)
+                row = measure(factory, state_dict, model_type, x, ref_emb, reference, args)
+                if not row.get("skipped"):
+                    rows.append(row)
+                    print(format_row(row), flush=True)
         del reference
     return rows
 
@@ -121,6 +125,8 @@ def measure(factory, state_dict, model_type, x, ref_emb, reference, args) -> dic
     except Exception as error:  # an implementation that cannot run here is reported, not fatal
         return {"model": model_type, "batch": x.shape[0], "impl": "?", "error": str(error)[:200]}
     row = {"model": model_type, "batch": x.shape[0], "impl": encoder.name}
+    if args.only and not any(part in encoder.name for part in args.only):
+        return row | {"skipped": True}
     try:
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -196,6 +202,12 @@ def main(argv=None) -> int:
         help="extra samkit fast rows with one SpeedPlan field changed, e.g. gelu_epilogue=False",
     )
     parser.add_argument("--no-others", action="store_true", help="samkit only")
+    parser.add_argument(
+        "--only",
+        default=None,
+        type=lambda s: s.split(","),
+        help="encoder table: only implementations whose name contains one of these strings",
+    )
     parser.add_argument("--latency", action="store_true", help="also time set_image and a prompt")
     parser.add_argument("--latency-only", action="store_true", help="only the latency table")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")

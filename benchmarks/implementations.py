@@ -113,6 +113,50 @@ def official_encoder(state_dict, model_type, device, *, dtype=torch.float32) -> 
     return Encoder(f"official {tag}", run, model)
 
 
+def saf_available(model_type: str) -> bool:
+    """pytorch-labs/segment-anything-fast on the path (it is not on PyPI: README.md says how)."""
+    return model_type != "tiny" and importlib.util.find_spec("segment_anything_fast") is not None
+
+
+def saf_encoder(state_dict, model_type, device, *, compile_mode="max-autotune") -> Encoder:
+    """segment-anything-fast's image encoder as its README runs it: bf16 weights,
+    torch.compile(mode="max-autotune") and its Triton flash kernel with the rel-pos bias."""
+    from functools import partial
+
+    from segment_anything_fast.modeling.image_encoder import ImageEncoderViT
+
+    c = config_for(model_type).image_encoder
+    model = ImageEncoderViT(
+        depth=c.depth,
+        embed_dim=c.embed_dim,
+        img_size=c.img_size,
+        mlp_ratio=c.mlp_ratio,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=c.num_heads,
+        patch_size=c.patch_size,
+        qkv_bias=c.qkv_bias,
+        use_rel_pos=True,
+        global_attn_indexes=c.global_attn_indexes,
+        window_size=c.window_size,
+        out_chans=c.out_chans,
+    )
+    prefix = "image_encoder."
+    model.load_state_dict(
+        {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+    )
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    model = model.to(device=device, dtype=dtype).eval()
+    encoder = torch.compile(model, mode=compile_mode) if compile_mode else model
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return encoder(x.to(dtype))
+
+    tag = "bf16" if dtype == torch.bfloat16 else "fp32"
+    mode = f", compile({compile_mode})" if compile_mode else ""
+    return Encoder(f"segment-anything-fast {tag}{mode}", run, model)
+
+
 def transformers_available() -> bool:
     return importlib.util.find_spec("transformers") is not None
 
