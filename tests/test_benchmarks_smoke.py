@@ -51,3 +51,33 @@ def test_prompt_stages_smoke() -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "decode_masks" in result.stdout and "predict_torch" in result.stdout
+
+
+def test_encoder_benchmark_smoke(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--tiny", "--device", "cpu"]
+    command += ["--latency", "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    rows = report["encoder"]
+    assert {row["batch"] for row in rows} == {1, 2}
+    assert all("error" not in row for row in rows), rows
+    reference = [row for row in rows if row["impl"] == "samkit fp32 sdpa"]
+    assert len(reference) == 2  # the reference path against itself: agreement 1 up to rounding
+    assert all(row["cosine"] > 1 - 1e-6 and row["mask_iou"] > 0.999 for row in reference)
+    assert all(row["img_per_s"] > 0 and row["ms"] > 0 for row in rows)
+    latency = report["latency"]
+    assert [row["impl"] for row in latency] == ["samkit fp32 (reference)", "samkit fast"]
+    assert all(row["set_image_ms"] > 0 and row["prompt_numpy_ms"] > 0 for row in latency)
+
+
+def test_encoder_benchmark_only_filters_rows(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--tiny", "--device", "cpu"]
+    command += ["--only", "bf16", "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["encoder"]
+    assert rows and all("bf16" in row["impl"] for row in rows)
+    assert "fp32" not in result.stdout.split("|---", 1)[1]
