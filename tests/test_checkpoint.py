@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
+import stat
 import subprocess
 import sys
 
@@ -214,6 +216,21 @@ def test_damaged_safetensors(tiny_files, tmp_path):
     path = tmp_path / "cut.safetensors"
     path.write_bytes(data[: len(data) // 2])
     assert "damaged safetensors" in _error(path)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_saved_files_get_the_umask_permissions_and_leave_no_temp_files(tiny_model, tmp_path):
+    """A checkpoint is written to a temp file first; the renamed file must get the permissions
+    of any new file (0666 less the umask), not the temp file's private 0600."""
+    previous = os.umask(0o022)
+    try:
+        for fmt in ("official", "hf", "samkit"):
+            path = save_checkpoint(tiny_model.state_dict(), tmp_path / fmt / "w.bin", fmt, TINY)
+            for written in path.parent.iterdir():
+                assert not written.name.startswith("."), written
+                assert stat.S_IMODE(written.stat().st_mode) == 0o644, written
+    finally:
+        os.umask(previous)
 
 
 # ---- samkit convert ----

@@ -257,3 +257,33 @@ def test_pending_outputs_stay_within_the_memory_bound(tmp_path, checkpoint, monk
     assert _run([tmp_path / "in"], tmp_path / "out", checkpoint, "--format", "png") == 0
     assert most == 1
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "b", "c", "d"]
+
+
+def test_an_interrupted_run_keeps_what_it_segmented_and_resumes(
+    tmp_path, checkpoint, capsys, monkeypatch
+) -> None:
+    """Ctrl-C while the third image is segmented: the two before it are written and counted,
+    the exit code is 130 with a one-line summary, and the same command finishes the rest."""
+    from samkit.amg.generator import SamAutomaticMaskGenerator
+
+    generate = SamAutomaticMaskGenerator.generate_records
+    calls = 0
+
+    def interrupted(self, image):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise KeyboardInterrupt
+        return generate(self, image)
+
+    monkeypatch.setattr(SamAutomaticMaskGenerator, "generate_records", interrupted)
+    _photos(tmp_path / "in", ["a.png", "b.png", "c.png", "d.png"])
+    out = tmp_path / "out"
+    assert _run([tmp_path / "in"], out, checkpoint) == 130
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "interrupted: 2 done, 0 failed, 2 left; the same command resumes" in line
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "b.json"]
+
+    assert _run([tmp_path / "in"], out, checkpoint) == 0
+    assert "2 done, 2 skipped (output exists), 0 failed" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "b.json", "c.json", "d.json"]

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import pickle
-import tempfile
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,7 @@ from samkit.config import (
     SamConfig,
     variant_name,
 )
-from samkit.io import write_atomic
+from samkit.io import open_temp_beside, write_atomic
 from samkit.keys import hf_config, hf_to_official, official_to_hf
 
 CheckpointFormat = Literal["official", "hf", "samkit"]
@@ -283,8 +283,9 @@ def save_checkpoint(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp, fd = open_temp_beside(path)
+    mode = os.fstat(fd).st_mode  # what the umask gives a new file
+    os.close(fd)  # the writers below open the path again (safetensors makes it anew, 0600)
     try:
         if fmt == "official":
             torch.save(tensors, tmp)
@@ -298,6 +299,7 @@ def save_checkpoint(
             config = config or infer_config(tensors, path)
             metadata = {"format": SAMKIT_FORMAT_TAG, "config": json.dumps(config.to_dict())}
             save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, stat.S_IMODE(mode))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

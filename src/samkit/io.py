@@ -272,6 +272,17 @@ def save_png(path: PathLike, array: np.ndarray) -> None:
     write_atomic(path, buffer.getvalue())
 
 
+def open_temp_beside(target: Path) -> tuple[Path, int]:
+    """A new hidden temp file in target's folder, opened for writing: (path, descriptor).
+
+    Created with mode 0o666, so the umask sets its permissions as for any new file, and the
+    file renamed into place gets them (tempfile.mkstemp's 0600 would hide it from other users).
+    """
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    return tmp, os.open(tmp, flags, 0o666)
+
+
 def write_atomic(path: PathLike, data: bytes | str) -> None:
     """Write bytes, or text as UTF-8, so readers see the old file or the whole new one.
 
@@ -281,9 +292,7 @@ def write_atomic(path: PathLike, data: bytes | str) -> None:
     target = Path(path)
     payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
-    # os.open with 0o666 lets the umask set permissions as for any new file (mkstemp gives 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    tmp, fd = open_temp_beside(target)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)

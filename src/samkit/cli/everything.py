@@ -47,7 +47,8 @@ EXAMPLES = """\
       --points-per-side 64 --crop-n-layers 1 --min-mask-region-area 100
 
 Interrupted runs resume: images whose output exists are skipped (--overwrite redoes them).
-Exit code: 0 all done, 1 some images failed (each reported in one line), 2 usage error.
+Exit code: 0 all done, 1 some images failed (each reported in one line), 2 usage error,
+130 interrupted (the images already segmented are written first).
 """
 
 
@@ -167,7 +168,16 @@ def run(args: argparse.Namespace) -> int:
         image_ids = {path: i for i, path in enumerate(paths, start=1)}
         start = time.perf_counter()
         jobs = [(path, names[path], image_ids[path]) for path in todo]
-        _segment_all(jobs, generator, tally, args)
+        try:
+            _segment_all(jobs, generator, tally, args)
+        except KeyboardInterrupt:
+            print(
+                f"samkit everything: interrupted: {tally.done} done, {tally.failed} failed, "
+                f"{len(todo) - tally.done - tally.failed} left; the same command resumes "
+                f"(outputs in {out})",
+                file=sys.stderr,
+            )
+            return 130
         elapsed = time.perf_counter() - start
         if tally.done and elapsed > 0:
             rate = f", {tally.done / elapsed:.2f} images/s"
@@ -226,26 +236,31 @@ def _segment_all(
     ):
         for _ in range(READ_AHEAD):
             read_next()
-        while reads:
-            (path, name, image_id), pending = reads.popleft()
-            read_next()
-            try:
-                image = pending.result()
-                records = generator.generate_records(image)
-            except (ImageReadError, torch.OutOfMemoryError) as e:
-                tally.fail(_one_line(e, path))
-            else:
-                size = image.nbytes
-                if args.format == "png":  # bool masks; SA-1B JSON keeps COCO RLE strings
-                    size += len(records) * image.shape[0] * image.shape[1]
-                while writes and (len(writes) > WRITERS or held + size > PENDING_BYTES):
-                    finish_write()
-                job = (args, path, name, image_id, image, records)
-                writes.append((path, size, writer.submit(_write_outputs, *job)))
-                held += size
-            bar.update()
-        while writes:
-            finish_write()
+        try:
+            while reads:
+                (path, name, image_id), pending = reads.popleft()
+                read_next()
+                try:
+                    image = pending.result()
+                    records = generator.generate_records(image)
+                except (ImageReadError, torch.OutOfMemoryError) as e:
+                    tally.fail(_one_line(e, path))
+                else:
+                    size = image.nbytes
+                    if args.format == "png":  # bool masks; SA-1B JSON keeps COCO RLE strings
+                        size += len(records) * image.shape[0] * image.shape[1]
+                    while writes and (len(writes) > WRITERS or held + size > PENDING_BYTES):
+                        finish_write()
+                    job = (args, path, name, image_id, image, records)
+                    writes.append((path, size, writer.submit(_write_outputs, *job)))
+                    held += size
+                bar.update()
+        except KeyboardInterrupt:
+            reader.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:  # interrupted too: what was segmented is written and counted
+            while writes:
+                finish_write()
 
 
 def _write_outputs(
