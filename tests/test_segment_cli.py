@@ -126,6 +126,7 @@ def test_segment_matches_the_predictor(workdir):
     )  # fmt: skip
     summary = json.loads((workdir / "same" / "masks.json").read_text())
     assert len(summary["masks"]) == 1 and summary["multimask_output"] is False
+    assert "wrote 1 mask, overlay.png" in result.stdout
     png = np.asarray(Image.open(workdir / "same" / "mask_0_0.png"))
     np.testing.assert_array_equal(png > 0, masks[0])
     assert summary["masks"][0]["score"] == pytest.approx(float(scores[0]), abs=1e-6)

@@ -190,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
     write_atomic(out / "masks.json", json.dumps(summary, indent=2) + "\n")
     for record in records:
         print(f"{out / record['file_name']}: score {record['score']:.3f}, area {record['area']}")
-    print(f"wrote {len(records)} masks, overlay.png and masks.json to {out}")
+    noun = "mask" if len(records) == 1 else "masks"
+    print(f"wrote {len(records)} {noun}, overlay.png and masks.json to {out}")
     return 0
 
 
