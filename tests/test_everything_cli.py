@@ -287,3 +287,21 @@ def test_an_interrupted_run_keeps_what_it_segmented_and_resumes(
     assert _run([tmp_path / "in"], out, checkpoint) == 0
     assert "2 done, 2 skipped (output exists), 0 failed" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["a.json", "b.json", "c.json", "d.json"]
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(
+    tmp_path, checkpoint, capsys
+) -> None:
+    """Resuming with --out inside the walked folder must not segment the masks and overlays
+    the first run wrote there."""
+    _photos(tmp_path, ["a.png"])
+    out = tmp_path / "masks"
+    assert _run([tmp_path], out, checkpoint, "--format", "png", "--overlay") == 0
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    capsys.readouterr()
+
+    assert _run([tmp_path], out, checkpoint, "--format", "png", "--overlay") == 0
+    captured = capsys.readouterr()
+    assert "0 done, 1 skipped (output exists)" in captured.out
+    assert "inside the output folder" in captured.err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == written

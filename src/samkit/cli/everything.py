@@ -139,7 +139,14 @@ def run(args: argparse.Namespace) -> int:
     from samkit.build import load_sam, resolve_device
     from samkit.io import find_images
 
+    out: Path = args.out
     paths, problems = find_images(args.inputs)
+    # an output folder inside an input folder: its PNGs are this command's outputs, not inputs
+    inputs = [p for p in paths if not _is_inside(p, out)]
+    if len(inputs) < len(paths):
+        left_out = len(paths) - len(inputs)
+        problems.append(f"left out {left_out} image(s) inside the output folder {out}")
+        paths = inputs
     for problem in problems:
         print(f"samkit everything: warning: {problem}", file=sys.stderr)
     if not paths:
@@ -149,7 +156,6 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: CUDA is not available on this machine")
 
-    out: Path = args.out
     todo = [p for p in paths if args.overwrite or not _outputs_exist(out, names[p], args)]
     tally = _Tally()
     rate = ""
@@ -297,6 +303,10 @@ def output_names(paths: Sequence[Path]) -> dict[Path, str]:
         path: rel.as_posix() if counts[stem] > 1 else stem
         for path, rel, stem in zip(paths, relative, stems, strict=True)
     }
+
+
+def _is_inside(path: Path, folder: Path) -> bool:
+    return Path(os.path.realpath(folder)) in Path(os.path.realpath(path)).parents
 
 
 def _outputs_exist(out: Path, name: str, args: argparse.Namespace) -> bool:
