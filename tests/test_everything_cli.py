@@ -153,6 +153,31 @@ def test_usage_errors_exit_2(tmp_path, checkpoint, capsys) -> None:
     assert exit_info.value.code == 2
 
 
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--points-per-side", "abc", "expected an integer, got 'abc'"),
+        ("--points-per-batch", "0", "must be at least 1, got 0"),
+        ("--pred-iou-thresh", "nan", "expected a finite number, got 'nan'"),
+        ("--stability-score-offset", "-1", "must be in [0, inf], got -1"),
+        ("--box-nms-thresh", "1.5", "must be in [0, 1], got 1.5"),
+        ("--crop-nms-thresh", "x", "expected a number, got 'x'"),
+        ("--crop-overlap-ratio", "1", "must be in [0, 1), got 1"),
+        ("--max-mask-region-fraction", "0", "must be in (0, 1], got 0"),
+    ],
+)
+def test_out_of_range_options_are_one_line_usage_errors(
+    tmp_path, checkpoint, capsys, flag, value, message
+) -> None:
+    _photos(tmp_path, ["a.png"])
+    with pytest.raises(SystemExit) as exit_info:
+        _run([tmp_path / "a.png"], tmp_path / "out", checkpoint, flag, value)
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"samkit everything: error: argument {flag}: {message}"
+    assert not (tmp_path / "out").exists()
+
+
 def test_help_has_examples_and_every_option(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["everything", "--help"])

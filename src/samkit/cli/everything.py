@@ -10,6 +10,7 @@ command again finds the outputs it wrote before.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -52,31 +53,61 @@ Exit code: 0 all done, 1 some images failed (each reported in one line), 2 usage
 """
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _int_at_least(low: int):
+    """An argparse type: an integer >= low, with a one-line message otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
+def _number(low=-math.inf, high=math.inf, *, open_low: bool = False, open_high: bool = False):
+    """An argparse type: a finite float between low and high (each end included unless open),
+    with a one-line message otherwise."""
+    interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        inside = low <= value <= high and not (open_low and value == low)
+        if not inside or (open_high and value == high):
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {value:g}")
+        return value
+
+    return parse
+
+
+_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
+_fraction = _number(0.0, 1.0)
 
 
 # SamAutomaticMaskGenerator's own arguments: (flag, type, official default, help)
 GENERATOR_OPTIONS = (
     ("points-per-side", _positive_int, 32, "points along each side of the grid"),
     ("points-per-batch", _positive_int, 64, "points decoded at once (memory vs speed)"),
-    ("pred-iou-thresh", float, 0.88, "keep masks with predicted IoU above this; 0: off"),
-    ("stability-score-thresh", float, 0.95, "keep masks at least this stable; 0: off"),
-    ("stability-score-offset", float, 1.0, "logit shift for the stability score"),
-    ("box-nms-thresh", float, 0.7, "box IoU above which duplicates in a crop are dropped"),
+    ("pred-iou-thresh", _number(), 0.88, "keep masks with predicted IoU above this; 0: off"),
+    ("stability-score-thresh", _number(), 0.95, "keep masks at least this stable; 0: off"),
+    ("stability-score-offset", _number(0.0), 1.0, "logit shift for the stability score"),
+    ("box-nms-thresh", _fraction, 0.7, "box IoU above which duplicates in a crop are dropped"),
     ("crop-n-layers", _non_negative_int, 0, "crop layers run again on (2**i)**2 crops"),
-    ("crop-nms-thresh", float, 0.7, "box IoU for duplicates across crops"),
-    ("crop-overlap-ratio", float, 512 / 1500, "overlap of the first layer's crops"),
+    ("crop-nms-thresh", _fraction, 0.7, "box IoU for duplicates across crops"),
+    (
+        "crop-overlap-ratio",
+        _number(0.0, 1.0, open_high=True),
+        512 / 1500,
+        "overlap of the first layer's crops",
+    ),
     ("crop-n-points-downscale-factor", _positive_int, 1, "points per side / this**layer"),
     ("min-mask-region-area", _non_negative_int, 0, "fill holes, drop islands below; 0: off"),
 )
@@ -125,7 +156,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         )
     group.add_argument(
         "--max-mask-region-fraction",
-        type=float,
+        type=_number(0.0, 1.0, open_low=True),
         default=None,
         metavar="X",
         help="drop masks covering more than this fraction of the image (default: off; the "
