@@ -330,3 +330,15 @@ def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(
     assert "0 done, 1 skipped (output exists)" in captured.out
     assert "inside the output folder" in captured.err
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == written
+
+
+def test_max_pixels_fails_larger_images_and_the_others_go_on(tmp_path, checkpoint, capsys) -> None:
+    _photos(tmp_path / "in", ["small.png"], h=20, w=30)
+    _photos(tmp_path / "in", ["large.png"], h=40, w=60)
+    out = tmp_path / "out"
+    assert _run([tmp_path / "in"], out, checkpoint, "--max-pixels", "1000") == 1
+    captured = capsys.readouterr()
+    [failure] = [line for line in captured.err.splitlines() if "failed" in line]
+    assert "large.png" in failure and "2,400 pixels, over the limit of 1,000" in failure
+    assert "--max-pixels" in failure
+    assert sorted(p.name for p in out.iterdir()) == ["small.json"]

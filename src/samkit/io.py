@@ -86,7 +86,7 @@ def _check_pixels(path: PathLike, width: int, height: int, max_pixels: int | Non
         raise ImageReadError(
             path,
             f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
-            f"{max_pixels:,}; pass a larger max_pixels (or max_pixels=None) to read it",
+            f"{max_pixels:,} (raise it with max_pixels=, or --max-pixels on the command line)",
         )
 
 

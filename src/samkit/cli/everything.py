@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from samkit.cli.common import UserError, add_command
+from samkit.io import DEFAULT_MAX_PIXELS
 
 FORMATS = ("sa1b", "png")
 OVERLAY_SUFFIX = ".overlay.png"
@@ -154,6 +155,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         group.add_argument(
             f"--{flag}", type=kind, default=default, metavar="X", help=f"{text} (%(default)s)"
         )
+    parser.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help="fail images with more pixels, read from the file's header (default %(default)s)",
+    )
     group.add_argument(
         "--max-mask-region-fraction",
         type=_number(0.0, 1.0, open_low=True),
@@ -253,7 +261,7 @@ def _segment_all(
     def read_next() -> None:
         job = next(upcoming, None)
         if job is not None:
-            reads.append((job, reader.submit(load_image, job[0])))
+            reads.append((job, reader.submit(load_image, job[0], max_pixels=args.max_pixels)))
 
     def finish_write() -> None:
         nonlocal held
