@@ -427,6 +427,8 @@ def test_invalid_arguments(model) -> None:
         SamAutomaticMaskGenerator(model, max_mask_region_fraction=1.5)
     with pytest.raises(ValueError, match="uint8"):
         SamAutomaticMaskGenerator(model).generate(np.zeros((8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="load_image reads any image file"):
+        SamAutomaticMaskGenerator(model).generate("photo.jpg")  # a path, not pixels
 
 
 @pytest.mark.gpu

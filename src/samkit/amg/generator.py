@@ -422,7 +422,8 @@ def _check_image(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(
-            f"expected an HxWx3 uint8 RGB image, got shape {image.shape} and dtype {image.dtype}"
+            f"expected an HxWx3 uint8 RGB image (samkit.io.load_image reads any image file as "
+            f"one), got shape {image.shape} and dtype {image.dtype}"
         )
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"image has no pixels: shape {image.shape}")
