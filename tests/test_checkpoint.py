@@ -274,6 +274,28 @@ def test_convert_user_errors_are_one_line(tmp_path):
     assert result.returncode == 2 and "invalid choice" in result.stderr
 
 
+def test_hf_output_to_a_folder_and_single_files_not_to_one(tiny_model, tiny_files, tmp_path):
+    """--format hf into a folder (existing, with a trailing slash, or a new name without a
+    suffix) writes the transformers layout inside it; the single-file formats refuse a folder
+    in one line instead of a traceback from the rename."""
+    (tmp_path / "there").mkdir()
+    for out in [tmp_path / "there", f"{tmp_path / 'slash'}/", tmp_path / "new"]:
+        result = _samkit("convert", tiny_files["official"], out, "--format", "hf")
+        assert result.returncode == 0, result.stderr
+        folder = pathlib.Path(out)
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+        assert f"-> {folder / 'model.safetensors'} (hf)" in result.stdout
+        _assert_same_weights(load_sam(folder), tiny_model.state_dict())
+    for fmt, example in [("official", "model.pth"), ("samkit", "model.safetensors")]:
+        result = _samkit("convert", tiny_files["official"], tmp_path / "there", "--format", fmt)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().endswith(
+            f"is a folder; give the file to write, e.g. {tmp_path / 'there' / example}"
+        )
+    with pytest.raises(CheckpointError, match="is a folder"):
+        save_checkpoint(tiny_model.state_dict(), f"{tmp_path / 'other'}/", "samkit", TINY)
+
+
 def test_convert_help_has_examples():
     result = _samkit("convert", "--help")
     assert result.returncode == 0 and "examples:" in result.stdout

@@ -271,6 +271,26 @@ def resize_position_tables(
     return out
 
 
+def checkpoint_destination(path: str | os.PathLike, fmt: CheckpointFormat) -> Path:
+    """The file `save_checkpoint(..., path, fmt)` writes.
+
+    A folder (an existing one, a path ending in a separator, or for `hf` a path without a
+    suffix) gets the Hugging Face layout's `model.safetensors` inside it for `hf`, and is an
+    error for the single-file formats.
+    """
+    if fmt not in FORMATS:
+        raise CheckpointError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    text = os.fspath(path)
+    target = Path(text)
+    folder = target.is_dir() or text.endswith(("/", os.sep))
+    if fmt == "hf" and (folder or not (target.suffix or target.exists())):
+        return target / HF_FILE_NAMES[0]
+    if folder:
+        example = target / ("model.pth" if fmt == "official" else "model.safetensors")
+        raise CheckpointError(f"{text} is a folder; give the file to write, e.g. {example}")
+    return target
+
+
 def save_checkpoint(
     state_dict: Mapping[str, torch.Tensor],
     path: str | os.PathLike,
@@ -278,9 +298,7 @@ def save_checkpoint(
     config: SamConfig | None = None,
 ) -> Path:
     """Write official-layout weights as `fmt`; atomic (a temp file, then a rename)."""
-    if fmt not in FORMATS:
-        raise CheckpointError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    path = Path(path)
+    path = checkpoint_destination(path, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     tmp, fd = open_temp_beside(path)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from samkit.checkpoint import FORMATS, convert_checkpoint, describe
+from samkit.checkpoint import FORMATS, checkpoint_destination, convert_checkpoint, describe
 from samkit.cli.common import add_command
 
 EXAMPLES = """\
   samkit convert sam_vit_b_01ec64.pth sam_vit_b.safetensors --format samkit
   samkit convert sam-vit-base/model.safetensors sam_vit_b.pth --format official
   samkit convert sam_vit_b_01ec64.pth hf/model.safetensors --format hf
+  samkit convert sam_vit_b_01ec64.pth sam-vit-base/ --format hf   # the folder layout
 """
 
 
@@ -27,7 +28,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         examples=EXAMPLES,
     )
     parser.add_argument("input", metavar="IN", help="checkpoint file (or Hugging Face folder)")
-    parser.add_argument("output", metavar="OUT", help="file to write")
+    parser.add_argument(
+        "output",
+        metavar="OUT",
+        help="file to write; for --format hf a folder takes model.safetensors and config.json",
+    )
     parser.add_argument(
         "--format",
         choices=FORMATS,
@@ -39,9 +44,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    ckpt = convert_checkpoint(args.input, args.output, args.format)
+    destination = checkpoint_destination(args.output, args.format)
+    ckpt = convert_checkpoint(args.input, destination, args.format)
     print(
         f"{ckpt.path} ({ckpt.source_format}, {describe(ckpt.config)}, "
-        f"{len(ckpt.state_dict)} tensors) -> {args.output} ({args.format})"
+        f"{len(ckpt.state_dict)} tensors) -> {destination} ({args.format})"
     )
     return 0
