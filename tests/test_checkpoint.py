@@ -296,6 +296,15 @@ def test_hf_output_to_a_folder_and_single_files_not_to_one(tiny_model, tiny_file
         save_checkpoint(tiny_model.state_dict(), f"{tmp_path / 'other'}/", "samkit", TINY)
 
 
+def test_device_is_checked_before_the_checkpoint_is_read(tmp_path):
+    missing = tmp_path / "missing.pth"  # read first, this would raise FileNotFoundError
+    with pytest.raises(ValueError, match="device 'tpu': expected 'auto', 'cpu'"):
+        load_sam(missing, device="tpu")
+    with pytest.raises(ValueError, match=r"device 'cuda:99': .*CUDA"):  # none, or too few
+        load_sam(missing, device="cuda:99")
+    assert build_sam(TINY, device="auto").device.type in ("cpu", "cuda", "mps")
+
+
 def test_convert_help_has_examples():
     result = _samkit("convert", "--help")
     assert result.returncode == 0 and "examples:" in result.stdout

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
 
@@ -342,3 +343,24 @@ def test_max_pixels_fails_larger_images_and_the_others_go_on(tmp_path, checkpoin
     assert "large.png" in failure and "2,400 pixels, over the limit of 1,000" in failure
     assert "--max-pixels" in failure
     assert sorted(p.name for p in out.iterdir()) == ["small.json"]
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("tpu", "--device 'tpu': expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+        ("meta", "--device 'meta': expected auto, cpu, cuda, cuda:N or mps"),
+        ("cuda:7", "--device 'cuda:7': "),
+    ],
+)
+def test_device_errors_are_one_line_before_any_work(
+    tmp_path, checkpoint, capsys, device, message
+) -> None:
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    _photos(tmp_path, ["a.png"])
+    args = ["everything", str(tmp_path / "a.png"), "--checkpoint", checkpoint]
+    assert main([*args, "--out", str(tmp_path / "out"), "--device", device]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"samkit everything: error: {message}")
+    assert not (tmp_path / "out").exists()

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from samkit.checkpoint import (
+    Checkpoint,
     CheckpointError,
     check_state_dict,
     describe,
@@ -22,15 +23,38 @@ PathLike = str | os.PathLike
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """'auto' (or None) picks CUDA, then Apple MPS, then the CPU."""
+    """'auto' (or None) picks CUDA, then Apple MPS, then the CPU; any other device is checked
+    against this machine.
+
+    Raises:
+        ValueError: not a device name, or a CUDA/MPS device this machine does not have.
+    """
     if device is None or device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(
+            f"device {device!r}: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+        ) from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if (resolved.index or 0) >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s)")
+    if resolved.type == "mps" and not _mps_available():
+        raise ValueError(f"device {device!r}: Apple MPS is not available on this machine")
+    return resolved
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
 
 
 def expected_state_dict(config: SamConfig) -> dict[str, torch.Tensor]:
@@ -41,22 +65,24 @@ def expected_state_dict(config: SamConfig) -> dict[str, torch.Tensor]:
 
 def build_sam(
     config: SamConfig | str = "vit_h",
-    checkpoint: PathLike | None = None,
+    checkpoint: PathLike | Checkpoint | None = None,
     *,
     device: str | torch.device | None = "cpu",
     dtype: torch.dtype | None = None,
 ) -> Sam:
     """A SAM model of `config` (a SamConfig or a variant name), random or from `checkpoint`.
 
-    The checkpoint may be in any supported format; it must match the config, except for the
-    input size: pos_embed and the rel-pos tables are interpolated to the config's image size.
+    The checkpoint (a path in any supported format, or what `read_checkpoint` gave) must match
+    the config, except for the input size: pos_embed and the rel-pos tables are interpolated to
+    the config's image size.
     """
+    device = resolve_device(device)  # before reading a checkpoint of gigabytes
     if isinstance(config, str):
         config = variant_config(config)
     if checkpoint is None:
         model = Sam(config)
     else:
-        ckpt = read_checkpoint(checkpoint)
+        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
         if not same_architecture(ckpt.config, config):
             raise CheckpointError(
                 f"{ckpt.path}: holds {describe(ckpt.config)} weights, not {describe(config)} "
@@ -70,7 +96,7 @@ def build_sam(
         model.load_state_dict(state_dict, strict=True, assign=True)
         model.reset_pixel_stats()
     model.eval()
-    return model.to(device=resolve_device(device), dtype=dtype)
+    return model.to(device=device, dtype=dtype)
 
 
 def load_sam(
@@ -85,8 +111,10 @@ def load_sam(
 
     `image_size` builds the model for another input side than the checkpoint's.
     """
+    device = resolve_device(device)  # before reading a checkpoint of gigabytes
     if model_type == "auto":
-        config = read_checkpoint(checkpoint).config
+        ckpt = read_checkpoint(checkpoint)  # read once: build_sam takes it as it is
+        config, checkpoint = ckpt.config, ckpt
     else:
         config = variant_config(model_type)
     if image_size is not None:

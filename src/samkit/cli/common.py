@@ -34,3 +34,16 @@ def add_command(
         epilog="examples:\n" + examples,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+
+def parse_device(text: str):
+    """--device: 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', checked against this machine."""
+    from samkit.build import resolve_device
+
+    try:
+        device = resolve_device(text)
+    except ValueError as e:
+        raise UserError(f"--{e}") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {text!r}: expected auto, cpu, cuda, cuda:N or mps")
+    return device

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from samkit.cli.common import UserError, add_command
+from samkit.cli.common import UserError, add_command, parse_device
 from samkit.io import DEFAULT_MAX_PIXELS
 
 FORMATS = ("sa1b", "png")
@@ -175,7 +175,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from samkit.amg.generator import SamAutomaticMaskGenerator
-    from samkit.build import load_sam, resolve_device
+    from samkit.build import load_sam
     from samkit.io import find_images
 
     out: Path = args.out
@@ -191,9 +191,7 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         raise UserError("no images found in the inputs")
     names = output_names(paths)
-    device = resolve_device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: CUDA is not available on this machine")
+    device = parse_device(args.device)
 
     todo = [p for p in paths if args.overwrite or not _outputs_exist(out, names[p], args)]
     tally = _Tally()

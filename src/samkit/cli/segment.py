@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from samkit.build import load_sam, resolve_device
+from samkit.build import load_sam
 from samkit.checkpoint import describe
-from samkit.cli.common import UserError, add_command
+from samkit.cli.common import UserError, add_command, parse_device
 from samkit.embedding import EmbeddingError, EmbeddingMismatchError
 from samkit.io import DEFAULT_MAX_PIXELS, load_image, save_png, write_atomic
 from samkit.overlay import PALETTE, draw_overlay
@@ -340,26 +339,6 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     if x1 < x0 or y1 < y0:
         raise UserError(f"--box {text!r}: expected X0 <= X1 and Y0 <= Y1 (corners XYXY)")
     return x0, y0, x1, y1
-
-
-def parse_device(text: str) -> torch.device:
-    """'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', checked against this machine."""
-    if text == "auto":
-        return resolve_device("auto")
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise UserError(f"--device {text!r}: expected auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {text}: CUDA is not available here (try --device auto)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {text}: only {torch.cuda.device_count()} CUDA devices")
-    mps = getattr(torch.backends, "mps", None)
-    if device.type == "mps" and not (mps is not None and mps.is_available()):
-        raise UserError(f"--device {text}: MPS is not available here (try --device auto)")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device {text!r}: expected auto, cpu, cuda, cuda:N or mps")
-    return device
 
 
 def warn(message: str) -> None:
