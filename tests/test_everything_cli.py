@@ -364,3 +364,27 @@ def test_device_errors_are_one_line_before_any_work(
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"samkit everything: error: {message}")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unexpected_error_on_one_image_fails_it_and_the_others_go_on(
+    tmp_path, checkpoint, capsys, monkeypatch
+) -> None:
+    from samkit.amg.generator import SamAutomaticMaskGenerator
+
+    generate = SamAutomaticMaskGenerator.generate_records
+
+    def broken_on_b(self, image):
+        if image.shape == (20, 30, 3):
+            raise RuntimeError("something nobody expected")
+        return generate(self, image)
+
+    monkeypatch.setattr(SamAutomaticMaskGenerator, "generate_records", broken_on_b)
+    _photos(tmp_path / "in", ["a.png", "c.png"])
+    _photos(tmp_path / "in", ["b.png"], h=20, w=30)
+    out = tmp_path / "out"
+    assert _run([tmp_path / "in"], out, checkpoint) == 1
+    captured = capsys.readouterr()
+    [failure] = [line for line in captured.err.splitlines() if "failed" in line]
+    assert "b.png" in failure and "something nobody expected (RuntimeError" in failure
+    assert "2 done, 0 skipped (output exists), 1 failed" in captured.out
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "c.json"]

@@ -24,6 +24,13 @@ SHAPES = [
     (3, 5),
     (1, 1),
     (2, 1999),
+    (1, 5000),  # over 2048:1: the official's short side would round to 0 pixels
+    (4100, 2),
+    # portrait shapes where Pillow 13 runs the vertical pass first, and both sides of its rule
+    (1500, 300),
+    (2000, 7),
+    (3000, 1499),
+    (3000, 1500),
 ]
 
 
@@ -42,6 +49,34 @@ def test_resize_uint8_equals_pil_bilinear(shape, gather_bytes, monkeypatch):
     got = resize_uint8(torch.from_numpy(image), (h, w)).numpy()
     assert got.shape == want.shape and got.dtype == np.uint8
     assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("orders_passes", [False, True])
+def test_pass_order_of_each_pillow_generation(orders_passes, monkeypatch):
+    """Pillow before 13 always resizes horizontally first; Pillow 13 vertically first where the
+    height loses more than twice the pixels the width does. Either order is checked against
+    Pillow's one-axis resizes (one pass each) composed in that order, whichever Pillow is
+    installed."""
+    monkeypatch.setattr(transforms, "PIL_ORDERS_PASSES", orders_passes)
+    assert transforms.vertical_first(3000, 1499, 1024, 512) is orders_passes
+    assert not transforms.vertical_first(3000, 1500, 1024, 512)  # 1976 = 2 x 988: not more
+    assert not transforms.vertical_first(1000, 1500, 683, 1024)
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (1500, 300, 3), dtype=np.uint8)
+    (h, w), pil = get_preprocess_shape(1500, 300, 1024), Image.fromarray(image)
+    bilinear = Image.Resampling.BILINEAR
+    if orders_passes:  # vertical, then horizontal
+        want = pil.resize((300, h), bilinear).resize((w, h), bilinear)
+    else:
+        want = pil.resize((w, 1500), bilinear).resize((w, h), bilinear)
+    got = resize_uint8(torch.from_numpy(image), (h, w)).numpy()
+    assert np.array_equal(got, np.asarray(want))
+    other = np.asarray(
+        pil.resize((w, 1500), bilinear).resize((w, h), bilinear)
+        if orders_passes
+        else pil.resize((300, h), bilinear).resize((w, h), bilinear)
+    )
+    assert not np.array_equal(got, other)  # the order shows in the bytes
 
 
 def test_resize_uint8_extremes():

@@ -10,21 +10,27 @@ import functools
 import math
 
 import numpy as np
+import PIL
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 # fixed-point fraction bits of Pillow's 8-bit resampling (32 - 8 - 2, libImaging/Resample.c)
 PIL_PRECISION_BITS = 22
+# Pillow 13 runs the vertical pass first where the height loses more than twice as many pixels
+# as the width; earlier versions always start with the horizontal pass (the rounding between
+# the passes makes the order visible). The official preprocessing gets the installed Pillow's.
+PIL_ORDERS_PASSES = int(PIL.__version__.split(".")[0]) >= 13
 # largest int32 products tensor of one resize pass gathered at once (a 1000x1500 photo's
 # horizontal pass: 61 MB; a 100 Mpixel one would take 2.7 GB and goes tap by tap instead)
 GATHER_BYTES = 256 * 2**20
 
 
 def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
-    """(h, w) after scaling the long side to `long_side_length`, rounded half up."""
+    """(h, w) after scaling the long side to `long_side_length`, rounded half up, and at least
+    1 (the official rounds a side of an image over 2048:1 to 0 and then fails to resize)."""
     scale = long_side_length / max(oldh, oldw)
-    return int(oldh * scale + 0.5), int(oldw * scale + 0.5)
+    return max(1, int(oldh * scale + 0.5)), max(1, int(oldw * scale + 0.5))
 
 
 class ResizeLongestSide:
@@ -85,14 +91,23 @@ def resize_uint8(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """HxWxC uint8 tensor -> (h, w, C) uint8: PIL's BILINEAR resize, value for value, on the
     tensor's device.
 
-    Pillow resamples 8-bit images in two passes, horizontal then vertical, each output value
-    sum(input * weight) in fixed point (PIL_PRECISION_BITS fraction bits, rounded, clipped to
-    0..255) with weights computed in float64 (`_bilinear_taps`); the same integer sums here give
-    the same bytes. On a GPU it replaces the host's PIL call, which took 20-24 ms of vit_b's
-    55 ms set_image for a 1000x1500 photo on an H100 machine; on the CPU PIL is faster.
+    Pillow resamples 8-bit images in two passes, each output value sum(input * weight) in fixed
+    point (PIL_PRECISION_BITS fraction bits, rounded, clipped to 0..255) with weights computed
+    in float64 (`_bilinear_taps`); the same integer sums in the same pass order
+    (`vertical_first`) here give the same bytes. On a GPU it replaces the host's PIL call,
+    which took 20-24 ms of vit_b's 55 ms set_image for a 1000x1500 photo on an H100 machine; on
+    the CPU PIL is faster.
     """
     h, w = size
+    if vertical_first(image.shape[0], image.shape[1], h, w):
+        return _resize_axis(_resize_axis(image, 0, h), 1, w)
     return _resize_axis(_resize_axis(image, 1, w), 0, h)
+
+
+def vertical_first(in_h: int, in_w: int, h: int, w: int) -> bool:
+    """Whether the installed Pillow resizes (in_h, in_w) -> (h, w) vertical pass first: from
+    Pillow 13 where the height shrinks by more than twice the pixels the width does."""
+    return PIL_ORDERS_PASSES and in_h - h > 0 and in_h - h > 2 * (in_w - w)
 
 
 def _resize_axis(x: torch.Tensor, dim: int, out: int) -> torch.Tensor:

@@ -288,6 +288,8 @@ def _segment_all(
                     records = generator.generate_records(image)
                 except (ImageReadError, torch.OutOfMemoryError) as e:
                     tally.fail(_one_line(e, path))
+                except Exception as e:  # a bug on one image must not end a run of thousands
+                    tally.fail(f"{_one_line(e, path)} ({type(e).__name__}: a samkit bug?)")
                 else:
                     size = image.nbytes
                     if args.format == "png":  # bool masks; SA-1B JSON keeps COCO RLE strings
