@@ -98,9 +98,11 @@ def test_cuda_predictor_resizes_like_pil():
     from reference import random_sam
 
     rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (1000, 1500, 3), dtype=np.uint8)
     predictor = SamPredictor(random_sam().cuda())
-    got = predictor._prepare_image(image, "RGB")
-    want = torch.from_numpy(predictor.transform.apply_image(image).copy()).permute(2, 0, 1)[None]
-    assert got.is_cuda and got.dtype == torch.uint8
-    assert torch.equal(got.cpu(), want)
+    # a landscape photo, and a portrait one that Pillow 13 resizes vertically first
+    for shape in [(1000, 1500), (1500, 300)]:
+        image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        got = predictor._prepare_image(image, "RGB")
+        want = predictor.transform.apply_image(image).copy()
+        assert got.is_cuda and got.dtype == torch.uint8
+        assert torch.equal(got.cpu(), torch.from_numpy(want).permute(2, 0, 1)[None]), shape
