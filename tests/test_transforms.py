@@ -51,32 +51,32 @@ def test_resize_uint8_equals_pil_bilinear(shape, gather_bytes, monkeypatch):
     assert np.array_equal(got, want)
 
 
-@pytest.mark.parametrize("orders_passes", [False, True])
-def test_pass_order_of_each_pillow_generation(orders_passes, monkeypatch):
-    """Pillow before 13 always resizes horizontally first; Pillow 13 vertically first where the
-    height loses more than twice the pixels the width does. Either order is checked against
-    Pillow's one-axis resizes (one pass each) composed in that order, whichever Pillow is
-    installed."""
-    monkeypatch.setattr(transforms, "PIL_ORDERS_PASSES", orders_passes)
-    assert transforms.vertical_first(3000, 1499, 1024, 512) is orders_passes
+@pytest.mark.parametrize("version", [(12, 1), (12, 3), (13, 0)])
+def test_pass_order_of_each_pillow_generation(version, monkeypatch):
+    """Pillow up to 12.1 resizes horizontally first; 12.2-12.3 vertically first for images over
+    100 times taller than wide; 13 where the height loses more than twice the pixels the width
+    does. Each rule's order is checked against Pillow's one-axis resizes (one pass each)
+    composed in that order, whichever Pillow is installed."""
+    monkeypatch.setattr(transforms, "PIL_VERSION", version)
+    rule_13 = transforms.vertical_first(3000, 1499, 1024, 512)
+    assert rule_13 is (version >= (13, 0))
     assert not transforms.vertical_first(3000, 1500, 1024, 512)  # 1976 = 2 x 988: not more
     assert not transforms.vertical_first(1000, 1500, 683, 1024)
-    rng = np.random.default_rng(5)
-    image = rng.integers(0, 256, (1500, 300, 3), dtype=np.uint8)
-    (h, w), pil = get_preprocess_shape(1500, 300, 1024), Image.fromarray(image)
+    assert transforms.vertical_first(2000, 7, 1024, 4) is (version >= (12, 2))
+    assert not transforms.vertical_first(700, 7, 1024, 10)  # taller than 100:1, but enlarged
     bilinear = Image.Resampling.BILINEAR
-    if orders_passes:  # vertical, then horizontal
-        want = pil.resize((300, h), bilinear).resize((w, h), bilinear)
-    else:
-        want = pil.resize((w, 1500), bilinear).resize((w, h), bilinear)
-    got = resize_uint8(torch.from_numpy(image), (h, w)).numpy()
-    assert np.array_equal(got, np.asarray(want))
-    other = np.asarray(
-        pil.resize((w, 1500), bilinear).resize((w, h), bilinear)
-        if orders_passes
-        else pil.resize((300, h), bilinear).resize((w, h), bilinear)
-    )
-    assert not np.array_equal(got, other)  # the order shows in the bytes
+    rng = np.random.default_rng(5)
+    for shape in [(1500, 300), (2000, 7)]:
+        image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        (h, w), pil = get_preprocess_shape(*shape, 1024), Image.fromarray(image)
+        vertical = pil.resize((shape[1], h), bilinear).resize((w, h), bilinear)
+        horizontal = pil.resize((w, shape[0]), bilinear).resize((w, h), bilinear)
+        want, other = (vertical, horizontal)
+        if not transforms.vertical_first(*shape, h, w):
+            want, other = horizontal, vertical
+        got = resize_uint8(torch.from_numpy(image), (h, w)).numpy()
+        assert np.array_equal(got, np.asarray(want)), shape
+        assert not np.array_equal(got, np.asarray(other)), shape  # the order shows
 
 
 def test_resize_uint8_extremes():

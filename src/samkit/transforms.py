@@ -17,10 +17,9 @@ from PIL import Image
 
 # fixed-point fraction bits of Pillow's 8-bit resampling (32 - 8 - 2, libImaging/Resample.c)
 PIL_PRECISION_BITS = 22
-# Pillow 13 runs the vertical pass first where the height loses more than twice as many pixels
-# as the width; earlier versions always start with the horizontal pass (the rounding between
-# the passes makes the order visible). The official preprocessing gets the installed Pillow's.
-PIL_ORDERS_PASSES = int(PIL.__version__.split(".")[0]) >= 13
+# (major, minor) of the installed Pillow, whose resize pass order the GPU resize follows (the
+# rounding between the passes makes the order visible; see `vertical_first`)
+PIL_VERSION = tuple(int(part) for part in PIL.__version__.split(".")[:2])
 # largest int32 products tensor of one resize pass gathered at once (a 1000x1500 photo's
 # horizontal pass: 61 MB; a 100 Mpixel one would take 2.7 GB and goes tap by tap instead)
 GATHER_BYTES = 256 * 2**20
@@ -105,9 +104,17 @@ def resize_uint8(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def vertical_first(in_h: int, in_w: int, h: int, w: int) -> bool:
-    """Whether the installed Pillow resizes (in_h, in_w) -> (h, w) vertical pass first: from
-    Pillow 13 where the height shrinks by more than twice the pixels the width does."""
-    return PIL_ORDERS_PASSES and in_h - h > 0 and in_h - h > 2 * (in_w - w)
+    """Whether the installed Pillow resizes (in_h, in_w) -> (h, w) with the vertical pass first.
+
+    Pillow up to 12.1 always starts with the horizontal pass; 12.2 and 12.3 start with the
+    vertical one for images over 100 times taller than wide that lose height; from 13 it does
+    where the height shrinks by more than twice as many pixels as the width.
+    """
+    if PIL_VERSION >= (13, 0):
+        return in_h - h > 0 and in_h - h > 2 * (in_w - w)
+    if PIL_VERSION >= (12, 2):
+        return in_h > in_w * 100 and h < in_h
+    return False
 
 
 def _resize_axis(x: torch.Tensor, dim: int, out: int) -> torch.Tensor:
