@@ -48,8 +48,9 @@ class ImageReadError(ValueError):
 def load_image(path: PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read an image file as an HxWx3 uint8 RGB array (C-contiguous), EXIF orientation applied.
 
-    Alpha is dropped (not composited), GIFs give their first frame, 16-bit samples are divided by
-    257 and float or 32-bit integer samples are min-max scaled to 0..255 (NaN -> 0). Images with
+    Alpha is dropped (not composited), GIFs give their first frame, 16-bit samples keep their
+    high byte (as OpenCV's imread, which the official scripts use) and float or 32-bit integer
+    samples are min-max scaled to 0..255 (NaN -> 0). Images with
     more than `max_pixels` pixels (width * height, read from the header before decoding) are
     refused; `max_pixels=None` lifts the limit, PIL's own `Image.MAX_IMAGE_PIXELS` included.
     TIFFs that PIL cannot decode are read with `tifffile` when it is installed.
@@ -173,7 +174,7 @@ def _pil_to_rgb(path: PathLike, img: Image.Image) -> np.ndarray:
 
 
 def _is_unsigned_16bit(img: Image.Image) -> bool:
-    """Whether a mode "I" image holds unsigned 16-bit samples (scaled by 1/257, not min-max)."""
+    """Whether a mode "I" image holds unsigned 16-bit samples (high byte kept, not min-max)."""
     if img.format == "PNG":
         return True  # PNG samples are at most 16-bit unsigned
     tags = getattr(img, "tag_v2", None)
@@ -186,14 +187,15 @@ def _is_unsigned_16bit(img: Image.Image) -> bool:
 
 
 def _to_uint8(samples: np.ndarray, *, sixteen_bit: bool) -> np.ndarray:
-    """Samples of any dtype -> uint8: 16-bit divided by 257 (rounded), others min-max scaled."""
+    """Samples of any dtype -> uint8: 16-bit to their high byte, others min-max scaled."""
     if samples.dtype == np.uint8:
         return samples
     if samples.dtype == np.bool_:
         return samples.astype(np.uint8) * 255
     if sixteen_bit or samples.dtype == np.uint16:
-        wide = np.clip(samples, 0, 65535).astype(np.uint32)
-        return ((wide + 128) // 257).astype(np.uint8)  # 65535 -> 255, 257 -> 1
+        # the high byte, as OpenCV's imread (which the official scripts/amg.py reads with) and
+        # Pillow's own 16-bit RGB decoding give
+        return (np.clip(samples, 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
     return _min_max_to_uint8(samples)
 
 
