@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import numpy as np
 import PIL
@@ -19,7 +20,7 @@ from PIL import Image
 PIL_PRECISION_BITS = 22
 # (major, minor) of the installed Pillow, whose resize pass order the GPU resize follows (the
 # rounding between the passes makes the order visible; see `vertical_first`)
-PIL_VERSION = tuple(int(part) for part in PIL.__version__.split(".")[:2])
+PIL_VERSION = tuple(int(re.match(r"\d*", part)[0] or 0) for part in PIL.__version__.split(".")[:2])
 # largest int32 products tensor of one resize pass gathered at once (a 1000x1500 photo's
 # horizontal pass: 61 MB; a 100 Mpixel one would take 2.7 GB and goes tap by tap instead)
 GATHER_BYTES = 256 * 2**20
