@@ -24,7 +24,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import cv2
@@ -40,6 +39,8 @@ from samkit.config import (
     SamConfig,
     variant_config,
 )
+
+from implementations import vit_encoder_kwargs  # benchmarks/, beside this script
 
 # --tiny: a few-layer model for smoke tests (any input side works for the generator)
 TINY = SamConfig(
@@ -217,19 +218,7 @@ def _official_modules(modeling, config: SamConfig):
     """The official Sam for a config the registry does not know (its input side is fixed)."""
     enc, dec = config.image_encoder, config.mask_decoder
     return modeling.Sam(
-        image_encoder=modeling.ImageEncoderViT(
-            depth=enc.depth,
-            embed_dim=enc.embed_dim,
-            img_size=enc.img_size,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=enc.num_heads,
-            patch_size=enc.patch_size,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=enc.global_attn_indexes,
-            window_size=enc.window_size,
-            out_chans=enc.out_chans,
-        ),
+        image_encoder=modeling.ImageEncoderViT(**vit_encoder_kwargs(enc)),
         prompt_encoder=modeling.PromptEncoder(
             embed_dim=config.prompt_encoder.embed_dim,
             image_embedding_size=(config.embedding_size, config.embedding_size),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -118,28 +119,32 @@ def saf_available(model_type: str) -> bool:
     return model_type != "tiny" and importlib.util.find_spec("segment_anything_fast") is not None
 
 
+def vit_encoder_kwargs(c) -> dict:
+    """The official ImageEncoderViT's constructor arguments for an ImageEncoderConfig (the
+    official package and segment-anything-fast take the same ones)."""
+    return {
+        "depth": c.depth,
+        "embed_dim": c.embed_dim,
+        "img_size": c.img_size,
+        "mlp_ratio": c.mlp_ratio,
+        "norm_layer": partial(torch.nn.LayerNorm, eps=1e-6),
+        "num_heads": c.num_heads,
+        "patch_size": c.patch_size,
+        "qkv_bias": c.qkv_bias,
+        "use_rel_pos": True,
+        "global_attn_indexes": c.global_attn_indexes,
+        "window_size": c.window_size,
+        "out_chans": c.out_chans,
+    }
+
+
 def saf_encoder(state_dict, model_type, device, *, compile_mode="max-autotune") -> Encoder:
     """segment-anything-fast's image encoder as its README runs it: bf16 weights,
     torch.compile(mode="max-autotune") and its Triton flash kernel with the rel-pos bias."""
-    from functools import partial
 
     from segment_anything_fast.modeling.image_encoder import ImageEncoderViT
 
-    c = config_for(model_type).image_encoder
-    model = ImageEncoderViT(
-        depth=c.depth,
-        embed_dim=c.embed_dim,
-        img_size=c.img_size,
-        mlp_ratio=c.mlp_ratio,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        num_heads=c.num_heads,
-        patch_size=c.patch_size,
-        qkv_bias=c.qkv_bias,
-        use_rel_pos=True,
-        global_attn_indexes=c.global_attn_indexes,
-        window_size=c.window_size,
-        out_chans=c.out_chans,
-    )
+    model = ImageEncoderViT(**vit_encoder_kwargs(config_for(model_type).image_encoder))
     prefix = "image_encoder."
     model.load_state_dict(
         {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
