@@ -345,6 +345,17 @@ def test_max_pixels_fails_larger_images_and_the_others_go_on(tmp_path, checkpoin
     assert sorted(p.name for p in out.iterdir()) == ["small.json"]
 
 
+def test_a_file_as_the_output_folder_is_a_usage_error_before_any_work(
+    tmp_path, checkpoint, capsys
+) -> None:
+    _photos(tmp_path, ["a.png"])
+    (tmp_path / "out").write_text("not a folder")
+    assert _run([tmp_path / "a.png"], tmp_path / "out", checkpoint) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    prefix = f"samkit everything: error: --out {tmp_path / 'out'}: "
+    assert line == prefix + "a file is in the way; give a folder"
+
+
 @pytest.mark.parametrize(
     "device, message",
     [

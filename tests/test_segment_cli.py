@@ -205,6 +205,12 @@ ERRORS = {
                         "--max-pixels", "lots"], "--max-pixels 'lots'"),
     "too many pixels": (["photo.png", "--checkpoint", "tiny.pth", "--point", "1,2",
                          "--max-pixels", "100"], "over the limit of 100"),
+    "a file as --out": (["photo.png", "--checkpoint", "tiny.pth", "--point", "1,2",
+                         "--out", "broken.png"], "--out broken.png: a file is in the way"),
+    "--out under a file": (["photo.png", "--checkpoint", "tiny.pth", "--point", "1,2",
+                            "--out", "broken.png/masks"], "cannot make the folder"),
+    "bad device": (["photo.png", "--checkpoint", "tiny.pth", "--point", "1,2", "--device",
+                    "tpu"], "--device 'tpu': expected"),
 }  # fmt: skip
 
 

@@ -47,3 +47,17 @@ def parse_device(text: str):
     if device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device {text!r}: expected auto, cpu, cuda, cuda:N or mps")
     return device
+
+
+def output_folder(path, flag: str = "--out"):
+    """The output folder, made if missing; a one-line UserError where it cannot be."""
+    from pathlib import Path
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder}: a file is in the way; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {folder}: cannot make the folder ({e.strerror or e})") from None
+    return folder

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from samkit.cli.common import UserError, add_command, parse_device
+from samkit.cli.common import UserError, add_command, output_folder, parse_device
 from samkit.io import DEFAULT_MAX_PIXELS
 
 FORMATS = ("sa1b", "png")
@@ -192,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("no images found in the inputs")
     names = output_names(paths)
     device = parse_device(args.device)
+    output_folder(out)
 
     todo = [p for p in paths if args.overwrite or not _outputs_exist(out, names[p], args)]
     tally = _Tally()

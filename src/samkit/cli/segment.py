@@ -20,7 +20,7 @@ from pycocotools import mask as coco_mask
 
 from samkit.build import load_sam
 from samkit.checkpoint import describe
-from samkit.cli.common import UserError, add_command, parse_device
+from samkit.cli.common import UserError, add_command, output_folder, parse_device
 from samkit.embedding import EmbeddingError, EmbeddingMismatchError
 from samkit.io import DEFAULT_MAX_PIXELS, load_image, save_png, write_atomic
 from samkit.overlay import PALETTE, draw_overlay
@@ -145,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         )
     max_pixels = _positive_int(args.max_pixels, "--max-pixels")
     device = parse_device(args.device)
+    out = output_folder(args.out or f"{Path(args.image).stem}_masks")
 
     image = load_image(args.image, max_pixels=max_pixels)
     height, width = image.shape[:2]
@@ -175,8 +176,6 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
 
-    out = Path(args.out) if args.out else Path(f"{Path(args.image).stem}_masks")
-    records = write_outputs(out, image, objects, masks, scores, args)
     summary = {
         "image": {"file_name": str(args.image), "width": width, "height": height},
         "model": {
@@ -184,9 +183,12 @@ def run(args: argparse.Namespace) -> int:
             "model_type": describe(predictor.model.config),
         },
         "multimask_output": multimask,
-        "masks": records,
     }
-    write_atomic(out / "masks.json", json.dumps(summary, indent=2) + "\n")
+    try:
+        summary["masks"] = records = write_outputs(out, image, objects, masks, scores, args)
+        write_atomic(out / "masks.json", json.dumps(summary, indent=2) + "\n")
+    except OSError as e:  # a full disk, a file in the way
+        raise UserError(f"cannot write the outputs to {out}: {e}") from None
     for record in records:
         print(f"{out / record['file_name']}: score {record['score']:.3f}, area {record['area']}")
     noun = "mask" if len(records) == 1 else "masks"
