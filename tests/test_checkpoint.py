@@ -265,13 +265,22 @@ def test_convert_round_trip_through_every_format(tiny_model, tiny_files, tmp_pat
         torch.testing.assert_close(tensor, ours_hf[key], rtol=0, atol=0, msg=key)
 
 
-def test_convert_user_errors_are_one_line(tmp_path):
+def test_convert_user_errors_are_one_line(tmp_path, tiny_files):
     result = _samkit("convert", tmp_path / "missing.pth", tmp_path / "out.pth", "--format", "hf")
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "no such file" in result.stderr
     assert "Traceback" not in result.stderr
     result = _samkit("convert", "a", "b", "--format", "onnx")
     assert result.returncode == 2 and "invalid choice" in result.stderr
+    (tmp_path / "file").write_text("in the way")
+    result = _samkit(
+        "convert", tiny_files["official"], tmp_path / "file" / "w.pth", "--format", "official"
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        == f"samkit convert: error: cannot write {tmp_path / 'file' / 'w.pth'}: File exists"
+    )
 
 
 def test_hf_output_to_a_folder_and_single_files_not_to_one(tiny_model, tiny_files, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from samkit.checkpoint import FORMATS, checkpoint_destination, convert_checkpoint, describe
-from samkit.cli.common import add_command
+from samkit.cli.common import UserError, add_command
 
 EXAMPLES = """\
   samkit convert sam_vit_b_01ec64.pth sam_vit_b.safetensors --format samkit
@@ -45,7 +45,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     destination = checkpoint_destination(args.output, args.format)
-    ckpt = convert_checkpoint(args.input, destination, args.format)
+    try:
+        ckpt = convert_checkpoint(args.input, destination, args.format)
+    except OSError as e:  # reading errors are CheckpointErrors: this is the writing side
+        raise UserError(f"cannot write {destination}: {e.strerror or e}") from None
     print(
         f"{ckpt.path} ({ckpt.source_format}, {describe(ckpt.config)}, "
         f"{len(ckpt.state_dict)} tensors) -> {destination} ({args.format})"
