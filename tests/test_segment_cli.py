@@ -211,6 +211,9 @@ ERRORS = {
                             "--out", "broken.png/masks"], "cannot make the folder"),
     "bad device": (["photo.png", "--checkpoint", "tiny.pth", "--point", "1,2", "--device",
                     "tpu"], "--device 'tpu': expected"),
+    "embedding under a file": (["photo.png", "--checkpoint", "tiny.pth", "--point", "1,2",
+                                "--out", "emb_err", "--embedding", "broken.png/x.emb"],
+                               "--embedding broken.png/x.emb: cannot write"),
 }  # fmt: skip
 
 

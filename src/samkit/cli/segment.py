@@ -223,7 +223,10 @@ def set_image(predictor: SamPredictor, image: np.ndarray, embedding: str | None)
             raise UserError(f"--embedding: {e} (left untouched)") from None
     predictor.set_image(image)
     if embedding:
-        predictor.save_embedding(embedding)
+        try:
+            predictor.save_embedding(embedding)
+        except OSError as e:  # a file in the way of its folder, a full disk
+            raise UserError(f"--embedding {embedding}: cannot write ({e.strerror or e})") from None
         print(f"saved the image embedding to {embedding}")
 
 
