@@ -425,6 +425,17 @@ def test_invalid_arguments(model) -> None:
         SamAutomaticMaskGenerator(model, None, point_grids=[np.zeros((1, 2))], crop_n_layers=1)
     with pytest.raises(ValueError, match="max_mask_region_fraction"):
         SamAutomaticMaskGenerator(model, max_mask_region_fraction=1.5)
+    with pytest.raises(ValueError, match="points_per_side must be at least 1, got 0"):
+        SamAutomaticMaskGenerator(model, points_per_side=0)
+    with pytest.raises(ValueError, match="crop_n_points_downscale_factor must be at least 1"):
+        SamAutomaticMaskGenerator(model, crop_n_points_downscale_factor=0)
+    with pytest.raises(ValueError, match=r"crop layer 2 would get int\(3 / 2\*\*2\) = 0 points"):
+        SamAutomaticMaskGenerator(
+            model, points_per_side=3, crop_n_layers=2, crop_n_points_downscale_factor=2
+        )
+    SamAutomaticMaskGenerator(  # int(4 / 2**2) = 1 point per side in the deepest layer: fine
+        model, points_per_side=4, crop_n_layers=2, crop_n_points_downscale_factor=2
+    )
     with pytest.raises(ValueError, match="uint8"):
         SamAutomaticMaskGenerator(model).generate(np.zeros((8, 8, 3), np.float32))
     with pytest.raises(ValueError, match="load_image reads any image file"):

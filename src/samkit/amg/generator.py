@@ -86,7 +86,10 @@ class SamAutomaticMaskGenerator:
         `fast=True` encodes through samkit.fast (see SamPredictor); the default is exact fp32."""
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("give exactly one of points_per_side and point_grids")
+        if crop_n_layers < 0:
+            raise ValueError(f"crop_n_layers must be >= 0, got {crop_n_layers}")
         if points_per_side is not None:
+            _check_grid(points_per_side, crop_n_layers, crop_n_points_downscale_factor)
             point_grids = build_all_layer_point_grids(
                 points_per_side, crop_n_layers, crop_n_points_downscale_factor
             )
@@ -97,8 +100,6 @@ class SamAutomaticMaskGenerator:
             raise ValueError(f"unknown output_mode {output_mode!r}; expected one of {OUTPUT_MODES}")
         if points_per_batch < 1:
             raise ValueError(f"points_per_batch must be at least 1, got {points_per_batch}")
-        if crop_n_layers < 0:
-            raise ValueError(f"crop_n_layers must be >= 0, got {crop_n_layers}")
         if max_mask_region_fraction is not None and not 0 < max_mask_region_fraction <= 1:
             raise ValueError(
                 f"max_mask_region_fraction must be in (0, 1], got {max_mask_region_fraction}"
@@ -416,6 +417,21 @@ def _first_last(flags: Tensor) -> tuple[Tensor, Tensor]:
     first = torch.where(flags, idx, flags.shape[-1]).amin(-1)
     last = torch.where(flags, idx, -1).amax(-1)
     return first, last
+
+
+def _check_grid(points_per_side: int, crop_n_layers: int, downscale: int) -> None:
+    """Every crop layer gets at least one point per side (the official divides by zero)."""
+    if points_per_side < 1:
+        raise ValueError(f"points_per_side must be at least 1, got {points_per_side}")
+    if downscale < 1:
+        raise ValueError(f"crop_n_points_downscale_factor must be at least 1, got {downscale}")
+    deepest = int(points_per_side / downscale**crop_n_layers)
+    if deepest < 1:
+        raise ValueError(
+            f"crop layer {crop_n_layers} would get int({points_per_side} / {downscale}**"
+            f"{crop_n_layers}) = 0 points per side; use fewer crop layers, a smaller "
+            "crop_n_points_downscale_factor or more points_per_side"
+        )
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
