@@ -263,6 +263,21 @@ def test_objects_as_padded_arrays(predictor):
         close(logits[k], one)
 
 
+def test_no_objects_give_empty_arrays_shaped_like_one_objects(predictor):
+    """A list of zero objects (a batch that happens to be empty) is not an error: the arrays
+    have 0 rows and the shapes and dtypes that one object's arrays have."""
+    for multimask in (True, False):
+        for logits in (True, False):
+            empty = predictor.predict_objects(
+                [], [], multimask_output=multimask, return_logits=logits
+            )
+            one = predictor.predict_objects(
+                [[[30, 40]]], [[1]], multimask_output=multimask, return_logits=logits
+            )
+            for e, o in zip(empty, one, strict=True):
+                assert e.shape == (0, *o.shape[1:]) and e.dtype == o.dtype
+
+
 def test_padding_tokens_change_masks_which_is_why_objects_are_grouped(predictor):
     alone, _, _ = predictor.predict(np.array([[30, 40]]), np.array([1]), return_logits=True)
     padded, _, _ = predictor.predict(

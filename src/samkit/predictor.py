@@ -455,6 +455,15 @@ class SamPredictor:
                 outputs = [np.empty((count, *r.shape[1:]), _numpy_dtype(r)) for r in results]
             for out, result in zip(outputs, results, strict=True):
                 out[group.indices] = _to_numpy(result)
+        if not outputs:  # no objects: empty arrays of the shapes and dtypes objects would get
+            config = self.model.config
+            c = config.mask_decoder.num_multimask_outputs if multimask_output else 1
+            (h, w), low = embedding.original_size, config.mask_size
+            outputs = [
+                np.empty((0, c, h, w), np.float32 if return_logits else np.bool_),
+                np.empty((0, c), np.float32),
+                np.empty((0, c, low, low), np.float32),
+            ]
         return outputs[0], outputs[1], outputs[2]
 
     def _predict_group(
