@@ -81,8 +81,9 @@ def _number(low=-math.inf, high=math.inf, *, open_low: bool = False, open_high: 
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-        inside = low <= value <= high and not (open_low and value == low)
-        if not inside or (open_high and value == high):
+        below = value < low or (open_low and value == low)
+        above = value > high or (open_high and value == high)
+        if below or above:
             raise argparse.ArgumentTypeError(f"must be in {interval}, got {value:g}")
         return value
 
@@ -181,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     paths, problems = find_images(args.inputs)
     # an output folder inside an input folder: its PNGs are this command's outputs, not inputs
-    inputs = [p for p in paths if not _is_inside(p, out)]
+    real_out = Path(os.path.realpath(out))
+    inputs = [p for p in paths if real_out not in Path(os.path.realpath(p)).parents]
     if len(inputs) < len(paths):
         left_out = len(paths) - len(inputs)
         problems.append(f"left out {left_out} image(s) inside the output folder {out}")
@@ -343,10 +345,6 @@ def output_names(paths: Sequence[Path]) -> dict[Path, str]:
         path: rel.as_posix() if counts[stem] > 1 else stem
         for path, rel, stem in zip(paths, relative, stems, strict=True)
     }
-
-
-def _is_inside(path: Path, folder: Path) -> bool:
-    return Path(os.path.realpath(folder)) in Path(os.path.realpath(path)).parents
 
 
 def _outputs_exist(out: Path, name: str, args: argparse.Namespace) -> bool:
