@@ -62,8 +62,9 @@ class SamPredictor:
     """
 
     def __init__(self, sam_model: Sam, *, fast: bool = False) -> None:
-        """`fast=True` layers samkit.fast over the model (on CUDA: bf16 compiled encoder,
-        graphed decoder, resizing on the GPU; slightly different numbers, compiled on first use).
+        """`fast=True` layers samkit.fast over the model (on CUDA: bf16 compiled encoder, bf16
+        decoder copy, compiled for batches of many prompts; slightly different numbers, compiled
+        on first use).
         It converts `sam_model`'s image encoder in place: give other predictors their own model.
         The default is the exact fp32 path."""
         self.model = sam_model

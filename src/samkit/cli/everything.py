@@ -142,7 +142,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--fast",
         action="store_true",
-        help="the fast path (CUDA: bf16 compiled encoder, graphed decoder); default: exact fp32",
+        help="the fast path (CUDA: bf16 compiled encoder and decoder; the first image compiles "
+        "for tens of seconds); default: exact fp32",
     )
     parser.add_argument("--format", choices=FORMATS, default="sa1b", help="(default: sa1b)")
     parser.add_argument(

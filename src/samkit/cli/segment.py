@@ -114,8 +114,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--fast",
         action="store_true",
-        help="the fast path (CUDA: bf16 compiled encoder, graphed decoder; compiles on first "
-        "use, so it pays off over many prompts or images); default: the exact fp32 path",
+        help="the fast path (CUDA: bf16 compiled encoder, bf16 graphed decoder; compiles on "
+        "first use, so it pays off over many prompts or images); default: the exact fp32 path",
     )
     parser.add_argument(
         "--embedding",
