@@ -13,6 +13,7 @@ graphs (samkit.graphs) and resizes images on the GPU with PIL's arithmetic
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,11 +122,8 @@ class Accelerated:
             self._low_decoder.iou_prediction_head.float()
             self._low_decoder.output_hypernetworks_mlps.float()
             if self.plan.decoder_compile_mode is not None:
-                mode = self.plan.decoder_compile_mode
-                compile_batched(
-                    self._low_decoder.transformer,
-                    lambda fn: torch.compile(fn, mode=None if mode == "default" else mode),
-                )
+                compiler = functools.partial(torch.compile, mode=self.plan.decoder_compile_mode)
+                compile_batched(self._low_decoder.transformer, compiler)
 
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
         """Normalised, padded (B, 3, S, S) -> fp32 embeddings (B, C, 64, 64)."""
