@@ -32,6 +32,8 @@ class SpeedPlan:
     attention: AttentionBackend = "sdpa"
     compile_mode: str | None = None  # torch.compile mode for the image encoder; None = eager
     gelu_epilogue: bool = False  # encoder MLP GELU (tanh approximation) in the GEMM epilogue
+    # encoder residual adds fused with the LayerNorms after them (samkit.kernels.add_layer_norm)
+    fused_residual_norm: bool = False
     decoder_dtype: torch.dtype = torch.float32  # of a mask decoder copy
     # torch.compile mode ("default" or another) for that copy's two-way transformer on batches
     # of at least COMPILE_DECODER_MIN_BATCH prompts; None = eager
@@ -52,6 +54,8 @@ def fast_plan(device: torch.device) -> SpeedPlan:
             # unchanged; max-autotune: +~5-9%, but minutes of autotuning
             compile_mode="reduce-overhead",
             gelu_epilogue=True,
+            # vit_h: Inductor's add + LayerNorm 332 us a pass on 1280-wide rows, this one 117
+            fused_residual_norm=True,
             # segment everything's token pass (1024 points, vit_b, H100): fp32 eager with the
             # fused kernels 55.7 ms a generate(), bf16 eager 52.5, bf16 compiled 32.8; masks at
             # IoU >= 0.988 (mean 0.995) with the exact path's (results/h100-lowprecision-*)
@@ -66,6 +70,10 @@ def fast_plan(device: torch.device) -> SpeedPlan:
 # A bf16 decoder copy: bf16 matmuls run ~3x faster than fp32 here; one prompt 25.6 -> 22.1 ms,
 # 64 prompts ~1.9 -> ~1.0 s, masks at IoU 0.995 (min 0.991) with the fp32 decoder's on vit_b
 CPU_PLAN = SpeedPlan(dtype=torch.bfloat16, attention="sdpa", decoder_dtype=torch.bfloat16)
+
+
+# the widest rows Inductor reduces in one persistent pass (wider: a looped, slower reduction)
+INDUCTOR_PERSISTENT_WIDTH = 1024
 
 
 # prompts per call from which the compiled transformer runs: segment everything decodes 64-256
@@ -107,6 +115,12 @@ class Accelerated:
         model.image_encoder.to(self.plan.dtype)  # prompts and masks stay in fp32
         for block in model.image_encoder.blocks:
             block.gelu_epilogue = self.plan.gelu_epilogue
+        # Inductor's own add + LayerNorm keeps rows of up to 1024 in registers, as this kernel
+        # does (vit_b's 768: 73 us both); only wider rows (vit_h's 1280) gain from it
+        encoder = model.image_encoder
+        encoder.fused_residual_norm = (
+            self.plan.fused_residual_norm and encoder.config.embed_dim > INDUCTOR_PERSISTENT_WIDTH
+        )
         if model.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the best conv
         self._encoder = model.image_encoder

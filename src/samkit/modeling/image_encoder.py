@@ -41,6 +41,8 @@ class ImageEncoderViT(nn.Module):
             )
             for i in range(config.depth)
         )
+        # fast path only: residual adds fused with the LayerNorms after them (a CUDA kernel)
+        self.fused_residual_norm = False
         self.neck = nn.Sequential(
             Conv2d(config.embed_dim, config.out_chans, kernel_size=1, bias=False),
             LayerNorm2d(config.out_chans),
@@ -52,9 +54,19 @@ class ImageEncoderViT(nn.Module):
         x = self.patch_embed(x)  # BxHxWxC
         if self.pos_embed is not None:
             x = x + self.pos_embed
-        for block in self.blocks:
-            x = block(x)
+        if self.fused_residual_norm and self.blocks and not self.training:
+            x = self._blocks_fused(x)
+        else:
+            for block in self.blocks:
+                x = block(x)
         return self.neck(x.permute(0, 3, 1, 2))  # BxHxWxC -> BxCxHxW
+
+    def _blocks_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks with each residual add and the LayerNorm after it in one pass."""
+        normed = self.blocks[0].norm1(x)
+        for block, after in zip(self.blocks, [*self.blocks[1:], None], strict=True):
+            x, normed = block.forward_fused(x, normed, after.norm1 if after else None)
+        return x
 
 
 class PatchEmbed(nn.Module):
@@ -104,17 +116,30 @@ class Block(nn.Module):
         self.gelu_epilogue = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.norm1(x)
+        x = x + drop_path(self._attend(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self._mlp(self.norm2(x)), self.drop_path, self.training)
+
+    def forward_fused(
+        self, x: torch.Tensor, normed: torch.Tensor, next_norm: nn.LayerNorm | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Inference: (x, norm1(x)) -> (out, next_norm(out)), out as `forward(x)`; each
+        residual add and the LayerNorm after it run as one kernel where it applies."""
+        from samkit.kernels.add_layer_norm import add_layer_norm
+
+        x, normed = add_layer_norm(x, self._attend(normed), self.norm2)
+        update = self._mlp(normed)
+        if next_norm is None:
+            return x + update, None
+        return add_layer_norm(x, update, next_norm)
+
+    def _attend(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention of the normalised map x (B, H, W, C), in windows or global."""
         if self.window_size > 0 and not self.attn.windows_in_kernel(x, self.window_size):
             h, w = x.shape[1:3]
             x, padded = window_partition(x, self.window_size)
             x = self.attn(x)
-            x = window_unpartition(x, self.window_size, padded, (h, w))
-        else:
-            x = self.attn(x, self.window_size)
-        x = shortcut + drop_path(x, self.drop_path, self.training)
-        return x + drop_path(self._mlp(self.norm2(x)), self.drop_path, self.training)
+            return window_unpartition(x, self.window_size, padded, (h, w))
+        return self.attn(x, self.window_size)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         if self.gelu_epilogue:
