@@ -72,7 +72,8 @@ def fast_plan(device: torch.device) -> SpeedPlan:
 CPU_PLAN = SpeedPlan(dtype=torch.bfloat16, attention="sdpa", decoder_dtype=torch.bfloat16)
 
 
-# the widest rows Inductor reduces in one persistent pass (wider: a looped, slower reduction)
+# the widest rows Inductor reduces in one persistent pass (wider: a looped, slower reduction);
+# torch._inductor.choices.should_use_persistent_reduction, inner reductions, torch 2.11-2.13
 INDUCTOR_PERSISTENT_WIDTH = 1024
 
 
