@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -10,9 +12,11 @@ from samkit import SamAutomaticMaskGenerator
 from samkit.config import VARIANTS
 from samkit.fast import (
     COMPILE_DECODER_MIN_BATCH,
+    COMPILED_BATCHES,
     CPU_PLAN,
     REFERENCE,
     Accelerated,
+    batch_chunks,
     compile_batched,
     fast_plan,
 )
@@ -147,3 +151,40 @@ def test_fast_generator_on_cuda_tracks_the_exact_records():
     ]
     # issue 5's bar for fast paths; measured on an H100: min 0.988, mean 0.995 (vit_b, 16 x 16)
     assert np.mean(ious) >= 0.98, (min(ious), np.mean(ious))
+
+
+@pytest.mark.parametrize("size, chunks", [(1, [1]), (8, [8]), (11, [8, 2, 1]), (20, [8, 8, 4])])
+def test_batch_chunks_examples(size, chunks):
+    assert batch_chunks(size) == chunks
+
+
+def test_batch_chunks_cover_every_size_with_compiled_sizes_only():
+    for size in range(1, 50):
+        chunks = batch_chunks(size)
+        assert sum(chunks) == size
+        assert set(chunks) <= set(COMPILED_BATCHES)
+        assert chunks == sorted(chunks, reverse=True)
+        assert len(chunks) == size // 8 + bin(size % 8).count("1")  # the fewest such chunks
+
+
+def test_compiled_encoder_sees_only_compiled_batch_sizes():
+    model = random_sam(TINY)
+    accelerated = Accelerated(model, replace(REFERENCE, dtype=torch.float32))
+    # as if compiled (the CPU plan does not compile): record what the encoder is given
+    accelerated.plan = replace(accelerated.plan, compile_mode="reduce-overhead")
+    seen = []
+    encoder = accelerated._encoder
+
+    def recording(batch):
+        seen.append(batch.shape[0])
+        return encoder(batch)
+
+    accelerated._encoder = recording
+    size = TINY.image_encoder.img_size
+    images = torch.randn(11, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        got = accelerated.encode(images)
+        want = model.image_encoder(images)
+    assert seen == [8, 2, 1]
+    # the same images in the same order; fp32 sums may group differently per batch size
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

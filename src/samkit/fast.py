@@ -72,6 +72,20 @@ def fast_plan(device: torch.device) -> SpeedPlan:
 CPU_PLAN = SpeedPlan(dtype=torch.bfloat16, attention="sdpa", decoder_dtype=torch.bfloat16)
 
 
+# batch sizes a compiled encoder runs: each new size compiles again (~35 s for vit_h on an H100)
+# and records its own CUDA graphs, and torch.compile falls back to eager after 8 sizes
+COMPILED_BATCHES = (8, 4, 2, 1)
+
+
+def batch_chunks(size: int) -> list[int]:
+    """`size` as consecutive chunks of COMPILED_BATCHES sizes, largest first."""
+    chunks = []
+    for part in COMPILED_BATCHES:
+        count, size = divmod(size, part)
+        chunks += [part] * count
+    return chunks
+
+
 # the widest rows Inductor reduces in one persistent pass (wider: a looped, slower reduction);
 # torch._inductor.choices.should_use_persistent_reduction, inner reductions, torch 2.11-2.13
 INDUCTOR_PERSISTENT_WIDTH = 1024
@@ -141,8 +155,18 @@ class Accelerated:
                 compile_batched(self._low_decoder.transformer, compiler)
 
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
-        """Normalised, padded (B, 3, S, S) -> fp32 embeddings (B, C, 64, 64)."""
-        return self._encoder(batch.to(self.plan.dtype)).float()
+        """Normalised, padded (B, 3, S, S) -> fp32 embeddings (B, C, 64, 64).
+
+        A compiled encoder sees only the batch sizes of COMPILED_BATCHES: other batches run as
+        consecutive chunks of those sizes (11 = 8 + 2 + 1).
+        """
+        batch = batch.to(self.plan.dtype)
+        if not self.plan.compile_mode:
+            return self._encoder(batch).float()
+        # .float() copies each chunk out of the CUDA graph's output buffer before the next replay
+        chunks = batch.split(batch_chunks(batch.shape[0]))
+        outputs = [self._encoder(chunk).float() for chunk in chunks]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def decode(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         if self._low_decoder is not None:
