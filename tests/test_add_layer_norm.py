@@ -115,6 +115,7 @@ def test_fused_bf16_encoder_on_cuda_tracks_the_plain_one():
         exact = encoder(image)
         encoder.to(torch.bfloat16)
         plain = encoder(image.bfloat16()).float()
+        assert aln.supported(plain.new_empty(1, 1280, dtype=torch.bfloat16))  # not the fallback
         encoder.fused_residual_norm = True
         fused = encoder(image.bfloat16()).float()
 
