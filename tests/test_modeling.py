@@ -242,11 +242,15 @@ def test_cuda_paths_match_cpu_reference():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dim", [64, 80])
 @pytest.mark.parametrize("size", [(64, 64), (14, 32), (5, 16)])
-def test_cuda_relpos_kernel_matches_reference_path(size, dim):
+@pytest.mark.parametrize("qkv_view", [False, True])
+def test_cuda_relpos_kernel_matches_reference_path(size, dim, qkv_view):
     from samkit.kernels import relpos_flash
 
     q, k, v, rel = _qkv(2, 3, size, dim, seed=4)
     q, k, v = (t.cuda().bfloat16() for t in (q, k, v))
+    if qkv_view:  # as the encoder passes them: views of one (B, N, 3, heads, d) projection
+        q, k, v = torch.stack([q, k, v], dim=1).permute(0, 3, 1, 2, 4).contiguous().unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     rel = tuple((0.2 * t).cuda().bfloat16() for t in rel)
     with torch.inference_mode():
         assert relpos_flash.supported(q, size)
@@ -257,6 +261,29 @@ def test_cuda_relpos_kernel_matches_reference_path(size, dim):
     print(f"relpos kernel {size} d={dim}: max abs err {err:.3g}")
     # flash-style rounding: probabilities cast to bf16 before P.V (8-bit mantissa): 1e-2
     assert_close_scaled(out.float(), expected.float(), rel=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    ("batch", "n", "heads", "dim", "rows"), [(2, 1000, 3, 64, 32), (1, 130, 2, 80, 128)]
+)
+def test_cuda_table_kernel_matches_matmul(batch, n, heads, dim, rows):
+    """The Triton rel-pos table of q read from a qkv-like view, against the fp32 matmul."""
+    from samkit.kernels.relpos_table import pixel_table, rel_pos_table
+
+    gen = torch.Generator().manual_seed(6)
+    qkv = torch.randn(batch, n, 3 * heads * dim, generator=gen).cuda().bfloat16()
+    q = qkv[..., : heads * dim].unflatten(-1, (heads, dim))  # B x N x heads x d, rows 3C apart
+    rel_h = 0.5 * torch.randn(rows - 1, dim, generator=gen).cuda().bfloat16()
+    rel_w = 0.5 * torch.randn(rows - 3, dim, generator=gen).cuda().bfloat16()
+    with torch.inference_mode():
+        got = pixel_table(q, rel_h, rel_w, rows)
+        expected = rel_pos_table(q.float().transpose(1, 2), rel_h.float(), rel_w.float(), rows)
+    assert got.shape == (batch, heads, n, 2 * rows) and got.is_contiguous()
+    # bf16 products accumulated in fp32, the result rounded to bf16 (8-bit mantissa): 1e-2
+    assert_close_scaled(got.float(), expected, rel=1e-2)
+    assert torch.count_nonzero(got[..., rows - 1]) == 0  # the zero column between the terms
 
 
 @pytest.mark.gpu

@@ -4,9 +4,9 @@ For a key map of kh x kw tokens (kw a power of two, 16..128) each key block is o
 the bias of a (query block, key block) tile is one row term per query (the same for the whole
 block) plus the query block's column-term tile (the same for every key block, loaded once).
 Both come from a small per-query table ``q . R[r]`` over every row r of the two rel-pos tables
-(one matmul), gathered in the kernel: no N x N bias, no widened head dim, no gather pass. q, k
-and v are read with their own strides (views of the qkv projection need no copies) and the
-output is laid out so that merging the heads is a view.
+(`relpos_table.pixel_table`), gathered in the kernel: no N x N bias, no widened head dim, no
+gather pass. q, k and v are read with their own strides (views of the qkv projection need no
+copies) and the output is laid out so that merging the heads is a view.
 
 Inference only (no backward). Used by the "fused" attention path on CUDA when Triton is there;
 registered as a torch custom op so torch.compile treats it as one opaque kernel.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from samkit.kernels.relpos_window import rel_pos_table
+from samkit.kernels.relpos_table import pixel_table
 
 try:
     import triton
@@ -128,8 +128,8 @@ def relpos_flash_attention(
     b, h, n, d = q.shape
     kh, kw = (rel_pos_h.shape[0] + 1) // 2, (rel_pos_w.shape[0] + 1) // 2
     rows = triton.next_power_of_2(max(rel_pos_h.shape[0], rel_pos_w.shape[0]))
-    table = rel_pos_table(q, rel_pos_h, rel_pos_w, rows)  # B x heads x N x 2R, contiguous
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    table = pixel_table(q.transpose(1, 2), rel_pos_h, rel_pos_w, rows)  # B x heads x N x 2R
     out = q.new_empty(b, n, h, d).transpose(1, 2)
 
     def grid(meta):

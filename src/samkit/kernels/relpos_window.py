@@ -13,7 +13,8 @@ outside the map are never needed. A window holds at most 16x16 tokens here (SAM'
 so all its keys fit one tile and the softmax needs no running maximum.
 
 The rel-pos term ``q . Rh[qh - kh] + q . Rw[qw - kw]`` comes from a small table per query:
-``q . R[r]`` for every row r of both tables (one matmul), gathered in the kernel.
+``q . R[r]`` for every row r of both tables (`relpos_table.pixel_table`), gathered in the
+kernel.
 
 Inference only; registered as a torch custom op so torch.compile keeps it as one kernel.
 """
@@ -21,6 +22,8 @@ Inference only; registered as a torch custom op so torch.compile keeps it as one
 from __future__ import annotations
 
 import torch
+
+from samkit.kernels.relpos_table import pixel_table
 
 try:
     import triton
@@ -131,17 +134,6 @@ def _table_rows(window: int) -> int:
     return triton.next_power_of_2(2 * window - 1)
 
 
-def rel_pos_table(
-    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, rows: int
-) -> torch.Tensor:
-    """q . R[r] for every row r of both tables: (..., d) -> (..., 2 * rows), h terms first."""
-    d = q.shape[-1]
-    table = q.new_zeros(d, 2 * rows)
-    table[:, : rel_pos_h.shape[0]] = rel_pos_h.T.to(q.dtype)
-    table[:, rows : rows + rel_pos_w.shape[0]] = rel_pos_w.T.to(q.dtype)
-    return q @ table
-
-
 @torch.library.custom_op("samkit::relpos_window_attention", mutates_args=())
 def relpos_window_attention(
     qkv: torch.Tensor,
@@ -163,8 +155,9 @@ def relpos_window_attention(
     d = c // num_heads
     qkv = qkv.contiguous()
     rows = _table_rows(window)
-    q = qkv[..., :c].unflatten(-1, (num_heads, d))  # BxHxWxheadsxd
-    table = rel_pos_table(q, rel_pos_h, rel_pos_w, rows).contiguous()  # BxHxWxheadsx2R
+    q = qkv.view(b, h * w, c3)[..., :c].unflatten(-1, (num_heads, d))  # Bx(HW)xheadsxd
+    table = pixel_table(q, rel_pos_h, rel_pos_w, rows)  # Bxheadsx(HW)x2R
+    table = table.view(b, num_heads, h, w, 2 * rows).permute(0, 2, 3, 1, 4)  # BxHxWxheadsx2R
     out = qkv.new_empty(b, h, w, c)
     slot = max(16, triton.next_power_of_2(window))  # tl.dot needs 16 along the one-hot side
     row_count = max(1, QUERY_SLOTS // slot)  # window rows per program
