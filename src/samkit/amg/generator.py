@@ -236,7 +236,17 @@ class SamAutomaticMaskGenerator:
         if self.pred_iou_thresh > 0.0:
             # the IoU filter needs no pixels: only prompts with a mask passing it are upscaled
             tokens = predictor._decode_tokens(embedding, coords, labels, None, None, True)
-            return _Batch(first_point_id, tokens=tokens)
+            passing = (tokens.iou_pred > self.pred_iou_thresh).any(1)
+            if not passing.is_cuda:
+                return _Batch(first_point_id, tokens=tokens, passing=passing)
+            # read back through pinned memory behind an event: the filter then waits for this
+            # batch only, not for the next one queued behind it, so the GPU works while the
+            # host filters (vit_b generate() 85-89 -> 83-86 ms on an H100, benchmarks/README.md)
+            host = torch.empty(passing.shape, dtype=torch.bool, pin_memory=True)
+            host.copy_(passing, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            return _Batch(first_point_id, tokens=tokens, passing=host, ready=ready)
         low_res, iou_preds = predictor._decode(embedding, coords, labels, None, None, True)
         return _Batch(first_point_id, low_res=low_res, iou_preds=iou_preds)
 
@@ -256,6 +266,8 @@ class SamAutomaticMaskGenerator:
                 _Batch(
                     decoded.first_point_id + begin,
                     tokens=decoded.tokens.prompts_between(begin, begin + self.points_per_batch),
+                    passing=decoded.passing[begin : begin + self.points_per_batch],
+                    ready=decoded.ready,
                 ),
                 crop_box,
                 crop_id,
@@ -277,9 +289,13 @@ class SamAutomaticMaskGenerator:
         orig_h, orig_w = orig_size
         tokens = decoded.tokens
         if tokens is not None:
-            prompts = (tokens.iou_pred > self.pred_iou_thresh).any(1).nonzero().squeeze(1)
+            if decoded.ready is not None:
+                decoded.ready.synchronize()
+            prompts = decoded.passing.nonzero().squeeze(1)
             if prompts.shape[0] == 0:
                 return MaskTable.empty(orig_size, device)
+            if prompts.device != device:  # from pinned memory: no wait for the queue
+                prompts = prompts.pin_memory().to(device, non_blocking=True)
             low_res = predictor._decode_masks(tokens, prompts)
             iou_preds = tokens.iou_pred[prompts]
         else:
@@ -376,6 +392,10 @@ class _Batch(NamedTuple):
     tokens: DecodedTokens | None = None
     low_res: Tensor | None = None  # (B, 3, 256, 256) logits
     iou_preds: Tensor | None = None  # (B, 3)
+    # with tokens: which points have a mask passing the IoU filter, (B,) bool, on the host
+    # (pinned) once `ready` has passed where the device is a GPU
+    passing: Tensor | None = None
+    ready: torch.cuda.Event | None = None
 
 
 def threshold_statistics(
