@@ -79,6 +79,30 @@ def test_attention_rejects_wrong_table_size():
         attention(q, k, v, rel_pos=rel, size=(5, 5))
 
 
+def test_rel_pos_table_layout_from_a_qkv_view():
+    """pixel_table (here its CPU path) against the definition: column r < rows holds q . Rh[r],
+    column rows + r holds q . Rw[r], the columns between are zero; heads first."""
+    from samkit.kernels.relpos_table import pixel_table
+
+    gen = torch.Generator().manual_seed(7)
+    batch, n, heads, d, rows = 2, 9, 3, 8, 8
+    qkv = torch.randn(batch, n, 3 * heads * d, generator=gen, dtype=torch.float64)
+    q = qkv[..., : heads * d].unflatten(-1, (heads, d))  # B x N x heads x d, rows 3C apart
+    rel_h = torch.randn(7, d, generator=gen, dtype=torch.float64)
+    rel_w = torch.randn(5, d, generator=gen, dtype=torch.float64)
+    got = pixel_table(q, rel_h, rel_w, rows)
+    expected = torch.zeros(batch, heads, n, 2 * rows, dtype=torch.float64)
+    for b in range(batch):
+        for head in range(heads):
+            for i in range(n):
+                for r in range(rel_h.shape[0]):
+                    expected[b, head, i, r] = q[b, i, head] @ rel_h[r]
+                for r in range(rel_w.shape[0]):
+                    expected[b, head, i, rows + r] = q[b, i, head] @ rel_w[r]
+    assert got.is_contiguous()
+    assert_close_scaled(got, expected, rel=1e-12)  # float64 sums of 8 products
+
+
 def test_whole_model_backends_agree():
     model = random_sam(TINY)
     image = torch.randn(2, 3, 160, 160)

@@ -48,9 +48,9 @@ def pixel_table(
     e.g. a view of a (B, N, 3 C) qkv projection) -> (B, heads, N, 2 * rows), contiguous: each
     head's queries together, as the attention kernels read them."""
     b, n, heads, d = q.shape
-    matrix = table_matrix(rel_pos_h, rel_pos_w, rows, q.dtype)
     if triton is None or not q.is_cuda or q.stride(-1) != 1 or 2 * rows > 256:
-        return (q.transpose(1, 2) @ matrix).contiguous()
+        return rel_pos_table(q.transpose(1, 2), rel_pos_h, rel_pos_w, rows).contiguous()
+    matrix = table_matrix(rel_pos_h, rel_pos_w, rows, q.dtype)
     out = q.new_empty(b, heads, n, 2 * rows)
     grid = (triton.cdiv(n, BLOCK_P), b * heads)
     _table_fwd[grid](
