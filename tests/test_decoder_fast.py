@@ -385,6 +385,18 @@ def _decoder_inputs(batch: int, grid: tuple[int, int], seed: int):
     return image, pe, dense, sparse
 
 
+def _plain_conv_masks(dec, *args, **kwargs):
+    """decode_tokens + decode_masks with the folded upscaling switched off: the plain first
+    conv on the transformer's final image tokens."""
+    dec.fold_upscaling = False
+    try:
+        tokens = dec.decode_tokens(*args, **kwargs)
+        assert tokens.folded is None and tokens.image_tokens is not None
+        return dec.decode_masks(tokens)
+    finally:
+        dec.fold_upscaling = True
+
+
 @pytest.mark.parametrize("grid", [(10, 10), (7, 9)])
 @pytest.mark.parametrize("batch, chunk", [(1, 4), (3, 2)])
 @pytest.mark.parametrize("multimask", [True, None])
@@ -402,8 +414,9 @@ def test_folded_upscaling_equals_the_plain_conv(wide, grid, batch, chunk, multim
         assert side.upscale.shape == (1, grid[0] * grid[1], 256)
         tokens = dec.decode_tokens(image, pe, sparse, dense, multimask, image_side=side)
         assert tokens.folded is not None
+        assert tokens.image_tokens is None  # the factors stand for them: not gathered
         got = dec.decode_masks(tokens)
-        want = dec.decode_masks(tokens._replace(folded=None))
+        want = _plain_conv_masks(dec, image, pe, sparse, dense, multimask, image_side=side)
         keep = torch.tensor([batch - 1, 0])
         subset = dec.decode_masks(tokens, keep)
     assert_close_scaled(got, want, rel=REL)
@@ -426,7 +439,9 @@ def test_folded_upscaling_bf16_tracks_fp32(wide):
         tokens = low.decode_tokens(image16, pe16, sparse.bfloat16(), dense16, None, image_side=side)
         assert tokens.folded is not None
         got = low.decode_masks(tokens).float()
-        plain = low.decode_masks(tokens._replace(folded=None)).float()
+        plain = _plain_conv_masks(
+            low, image16, pe16, sparse.bfloat16(), dense16, None, image_side=side
+        ).float()
     assert_close_scaled(got, want, rel=5e-2)
     ious = []
     for a, b in zip(got.flatten(0, 1) > 0, want.flatten(0, 1) > 0, strict=True):
@@ -458,7 +473,7 @@ def test_folded_upscaling_only_where_it_applies(wide):
         side = dec.prepare_image(image, pe, dense)
         tokens = dec.decode_tokens(image, pe, sparse, dense, True, image_side=side)
         got = dec.decode_masks(tokens)
-        want = dec.decode_masks(tokens._replace(folded=None))
+        want = _plain_conv_masks(dec, image, pe, sparse, dense, True, image_side=side)
     assert_close_scaled(got, want, rel=REL)
 
 
